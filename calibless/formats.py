@@ -1,0 +1,177 @@
+"""Quantization formats as data: frozen dataclasses that round-trip through JSON.
+
+Conventions used everywhere in the package:
+- A matrix is stored in "math" layout (K, N): K is the reduction (input) dimension, N the
+  output dimension, so y = x @ M. This is the layout of ONNX MatMul's B input and of
+  DequantizeLinear(axis=0, block_size), so the ONNX writer needs no transposes.
+- Weights are quantized in blocks of ``group_size`` along K (``None`` = one block spanning K,
+  i.e. per-output-channel).
+- 6-bit values are stored as int8 limited to [-32, 31]: neither ONNX nor TensorRT has a 6-bit type.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+FORMAT_VERSION = 1
+WEIGHT_BITS = (4, 6, 8)
+ACT_BITS = (4, 6, 8)
+GROUP_SIZES = (None, 32, 64, 128)
+ACT_MODES = ("none", "dynamic_per_token", "static_per_tensor")
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    bits: int = 4
+    symmetric: bool = True
+    group_size: Optional[int] = 64
+
+    def __post_init__(self):
+        if self.bits not in WEIGHT_BITS:
+            raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits each code occupies in ONNX / TensorRT (6-bit rides in int8)."""
+        return 4 if self.bits == 4 else 8
+
+    def block_size(self, k: int) -> int:
+        return k if self.group_size is None else self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightFormat":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    """Activation quantization: symmetric, dynamic per-token or static per-tensor, or none."""
+
+    bits: Optional[int] = None
+    mode: str = "none"
+
+    def __post_init__(self):
+        if self.mode not in ACT_MODES:
+            raise ValueError(f"activation mode must be one of {ACT_MODES}, got {self.mode!r}")
+        if self.mode == "none" and self.bits is not None:
+            raise ValueError("activation mode 'none' takes no bits")
+        if self.mode != "none" and self.bits not in ACT_BITS:
+            raise ValueError(f"activation bits must be one of {ACT_BITS}, got {self.bits}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActFormat":
+        return _from_dict(cls, d)
+
+
+NO_ACT = ActFormat()
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """The W4 main path of a quantized Linear: weight format plus input-activation format."""
+
+    weight: WeightFormat
+    act: ActFormat = NO_ACT
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight.to_dict(), "act": self.act.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerFormat":
+        return cls(WeightFormat.from_dict(d["weight"]), ActFormat.from_dict(d["act"]))
+
+
+@dataclass(frozen=True)
+class BranchFormat:
+    """Format of the low-rank branch x -> (x A) B.
+
+    ``weight`` None means the factors are stored in 16-bit float (W16A16). Otherwise A is
+    quantized in blocks of ``group_size`` along its K (= in_features) and B per output
+    channel (its K is the rank, too short to block).
+    """
+
+    name: str
+    weight: Optional[WeightFormat]
+    act: ActFormat = NO_ACT
+
+    def to_dict(self) -> dict:
+        return {"name": self.name,
+                "weight": None if self.weight is None else self.weight.to_dict(),
+                "act": self.act.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BranchFormat":
+        w = d.get("weight")
+        return cls(d["name"], None if w is None else WeightFormat.from_dict(w), ActFormat.from_dict(d["act"]))
+
+
+def _dyn(bits: Optional[int]) -> ActFormat:
+    return NO_ACT if bits is None else ActFormat(bits, "dynamic_per_token")
+
+
+# name -> (weight bits or None for 16-bit, activation bits or None)
+BRANCH_FORMATS = {"fp16": (None, None), "w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+MAIN_FORMATS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
+
+
+def branch_format(name: str, group_size: Optional[int] = 64) -> BranchFormat:
+    if name not in BRANCH_FORMATS:
+        raise ValueError(f"unknown branch format {name!r}; choose one of {sorted(BRANCH_FORMATS)}")
+    wbits, abits = BRANCH_FORMATS[name]
+    weight = None if wbits is None else WeightFormat(wbits, True, group_size)
+    return BranchFormat(name, weight, _dyn(abits))
+
+
+def main_format(name: str, group_size: Optional[int] = 64, symmetric: bool = True) -> LayerFormat:
+    if name not in MAIN_FORMATS:
+        raise ValueError(f"unknown main format {name!r}; choose one of {sorted(MAIN_FORMATS)}")
+    return LayerFormat(WeightFormat(4, symmetric, group_size), _dyn(MAIN_FORMATS[name]))
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """What a method must produce for one layer: main format, branch rank and format, options."""
+
+    main: LayerFormat
+    rank: int = 0
+    branch: Optional[BranchFormat] = None
+    options: tuple = ()  # method options as sorted (key, value) pairs, hashable
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)

@@ -1,0 +1,122 @@
+"""Pure quantization primitives (torch). Matrices are in (K, N) layout, blocks run along K.
+
+These functions define the numerics of the whole product: the torch reference module, the
+checkpoint and the ONNX graph all compute exactly what these compute. In particular
+``fake_quant_act`` mirrors the ONNX subgraph Abs -> ReduceMax -> Div -> Max(eps) ->
+QuantizeLinear -> DequantizeLinear op for op, so ONNX Runtime agrees with torch bit for bit
+on the quantized activations.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from calibless.formats import ActFormat, WeightFormat
+
+# Floor for dynamic activation scales, so an all-zero token quantizes to zeros instead of NaN.
+ACT_SCALE_EPS = 1e-8
+
+
+def check_blockable(k: int, fmt: WeightFormat) -> None:
+    g = fmt.block_size(k)
+    if k % g:
+        raise ValueError(f"input dim {k} is not divisible by group size {g}")
+
+
+def _blocks(w: torch.Tensor, g: int) -> torch.Tensor:
+    k, n = w.shape
+    return w.reshape(k // g, g, n)
+
+
+def choose_qparams(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scale (and zero point for asymmetric formats), shape (K / block, N).
+
+    Differentiable in ``w`` (through the block max/min), which is what lets a fitted branch
+    shrink the ranges the main quantizer must cover. An all-zero block gets scale 1 rather
+    than 0: TensorRT requires positive scales and 0 would divide by zero.
+    """
+    k, _ = w.shape
+    check_blockable(k, fmt)
+    b = _blocks(w, fmt.block_size(k))
+    if fmt.symmetric:
+        scale = b.abs().amax(dim=1) / fmt.qmax
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    lo = b.amin(dim=1).clamp(max=0)
+    hi = b.amax(dim=1).clamp(min=0)
+    scale = (hi - lo) / fmt.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-lo / scale).clamp(0, fmt.qmax).detach()
+    return scale, zero_point
+
+
+def _expand(p: torch.Tensor, k: int) -> torch.Tensor:
+    return p.repeat_interleave(k // p.shape[0], dim=0)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt: WeightFormat) -> torch.Tensor:
+    """Integer codes (int16 tensor holding fmt's range; storage dtype is the caller's choice)."""
+    k = w.shape[0]
+    q = torch.round(w / _expand(scale, k))
+    if zero_point is not None:
+        q = q + _expand(zero_point, k)
+    return q.clamp(fmt.qmin, fmt.qmax).to(torch.int16)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> torch.Tensor:
+    k = codes.shape[0]
+    q = codes.to(scale.dtype)
+    if zero_point is not None:
+        q = q - _expand(zero_point.to(scale.dtype), k)
+    return q * _expand(scale, k)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round with identity gradient: the straight-through estimator on the rounding alone."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def fake_quant_weight(w: torch.Tensor, fmt: WeightFormat, clip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize with the STE on rounding only; gradients reach ``w`` through the
+    values and through the block scales. ``clip`` (shape of the scale, in (0, 1]) shrinks each
+    block's range, a learnable clipping factor."""
+    scale, zp = choose_qparams(w, fmt)
+    if clip is not None:
+        scale = scale * clip
+    k = w.shape[0]
+    s = _expand(scale, k)
+    q = round_ste(w / s)
+    if zp is not None:
+        z = _expand(zp, k)
+        q = torch.clamp(q + z, fmt.qmin, fmt.qmax) - z
+    else:
+        q = torch.clamp(q, fmt.qmin, fmt.qmax)
+    return q * s
+
+
+def act_scale(x: torch.Tensor, fmt: ActFormat, static_scale: Optional[float] = None) -> torch.Tensor:
+    if fmt.mode == "static_per_tensor":
+        if static_scale is None:
+            raise ValueError("static per-tensor activation quantization needs a calibrated scale")
+        return torch.tensor(static_scale, dtype=x.dtype)
+    scale = x.abs().amax(dim=-1, keepdim=True) / fmt.qmax
+    return torch.clamp(scale, min=ACT_SCALE_EPS)
+
+
+def fake_quant_act(x: torch.Tensor, fmt: ActFormat, static_scale: Optional[float] = None) -> torch.Tensor:
+    """Symmetric activation quantize-dequantize (round half to even, as ONNX QuantizeLinear)."""
+    if not fmt.enabled:
+        return x
+    s = act_scale(x, fmt, static_scale)
+    return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax) * s

@@ -1,0 +1,152 @@
+"""The ONE in-memory record of a quantized Linear. The torch module, the checkpoint and the
+ONNX writer all read it; none re-derives quantization."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from calibless.formats import ActFormat, BranchFormat, LayerFormat, WeightFormat
+from calibless.quant import choose_qparams, dequantize, fake_quant_act, quantize
+
+
+@dataclass
+class QTensor:
+    """A quantized (K, N) matrix: integer codes, scales and zero points per block along K."""
+
+    codes: torch.Tensor  # int8 (symmetric) or uint8 (asymmetric), shape (K, N)
+    scale: torch.Tensor  # float32, shape (K / block, N)
+    zero_point: Optional[torch.Tensor]  # uint8 like scale, asymmetric formats only
+    fmt: WeightFormat
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, fmt: WeightFormat, scale: Optional[torch.Tensor] = None) -> "QTensor":
+        """Round-to-nearest with the format's absmax qparams, or with the given ``scale``."""
+        w = w.detach().float()
+        s, zp = choose_qparams(w, fmt)
+        if scale is not None:
+            s = scale.detach().float()
+        codes = quantize(w, s, zp, fmt)
+        storage = torch.int8 if fmt.symmetric else torch.uint8
+        return cls(codes.to(storage), s.contiguous(), None if zp is None else zp.to(torch.uint8), fmt)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point)
+
+    def stored_bits(self) -> int:
+        bits = self.codes.numel() * self.fmt.storage_bits + self.scale.numel() * self.scale.element_size() * 8
+        if self.zero_point is not None:
+            bits += self.zero_point.numel() * self.fmt.storage_bits
+        return bits
+
+
+Factor = Union[QTensor, torch.Tensor]  # a float16 tensor for the 16-bit branch
+
+
+@dataclass
+class Branch:
+    """Low-rank branch y += (x A) B with A (in, r) and B (r, out), each quantized per ``fmt``."""
+
+    down: Factor
+    up: Factor
+    fmt: BranchFormat
+
+    @classmethod
+    def from_float(cls, a: torch.Tensor, b: torch.Tensor, fmt: BranchFormat) -> "Branch":
+        if fmt.weight is None:
+            return cls(a.detach().half(), b.detach().half(), fmt)
+        return cls(QTensor.from_float(a, down_format(fmt, a.shape[0])),
+                   QTensor.from_float(b, WeightFormat(fmt.weight.bits, fmt.weight.symmetric, None)), fmt)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[1]
+
+    @staticmethod
+    def _float(f: Factor) -> torch.Tensor:
+        return f.dequantize() if isinstance(f, QTensor) else f.float()
+
+    def down_weight(self) -> torch.Tensor:
+        return self._float(self.down)
+
+    def up_weight(self) -> torch.Tensor:
+        return self._float(self.up)
+
+    def stored_bits(self) -> int:
+        return sum(f.stored_bits() if isinstance(f, QTensor) else f.numel() * 16 for f in (self.down, self.up))
+
+
+def down_format(fmt: BranchFormat, k: int) -> WeightFormat:
+    """A is blocked like the main weight when the block divides in_features, else per channel."""
+    w = fmt.weight
+    g = w.group_size if (w.group_size is not None and k % w.group_size == 0) else None
+    return WeightFormat(w.bits, w.symmetric, g)
+
+
+@dataclass
+class QuantizedLinear:
+    """Everything needed to compute, store and export one quantized Linear layer.
+
+    Math: x' = x / smooth (when smoothing was used); y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias.
+    """
+
+    weight: QTensor  # (in, out)
+    fmt: LayerFormat
+    branch: Optional[Branch] = None
+    smooth: Optional[torch.Tensor] = None  # (in,), the input is divided by it
+    act_scales: dict = field(default_factory=dict)  # static scales: "main", "branch_in", "branch_mid"
+    method: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (in, out) matrix the layer applies when activations are not quantized."""
+        w = self.weight.dequantize()
+        if self.branch is not None:
+            w = w + self.branch.down_weight() @ self.branch.up_weight()
+        if self.smooth is not None:
+            w = w / self.smooth[:, None]
+        return w
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The exact reference computation, op for op what the QDQ ONNX graph computes."""
+        if self.smooth is not None:
+            x = x / self.smooth
+        xm = fake_quant_act(x, self.fmt.act, self.act_scales.get("main"))
+        y = xm @ self.weight.dequantize()
+        if self.branch is not None:
+            b = self.branch
+            xb = fake_quant_act(x, b.fmt.act, self.act_scales.get("branch_in"))
+            h = fake_quant_act(xb @ b.down_weight(), b.fmt.act, self.act_scales.get("branch_mid"))
+            y = y + h @ b.up_weight()
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def stored_bits(self) -> int:
+        bits = self.weight.stored_bits()
+        if self.branch is not None:
+            bits += self.branch.stored_bits()
+        if self.smooth is not None:
+            bits += self.smooth.numel() * 32
+        return bits
+
+    def bits_per_weight(self) -> float:
+        return self.stored_bits() / (self.in_features * self.out_features)
+
+
+def relative_error(w: torch.Tensor, q: QuantizedLinear) -> float:
+    """||W - W_eff||_F / ||W||_F with W in (in, out) layout."""
+    return float(torch.linalg.norm(w - q.effective_weight()) / torch.linalg.norm(w).clamp_min(1e-30))
