@@ -1,0 +1,1 @@
+"""graphs: the ONNX side. QDQ writers, graph passes, target legalizers and checkers. No torch."""
