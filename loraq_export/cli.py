@@ -1,0 +1,70 @@
+"""The ``loraq`` command line. Every user error ends as one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from loraq_export.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="'minilm' (default: the bundled all-MiniLM-L6-v2), a preset (pixart-sigma, sana-600m, "
+                        "sana-1.6b), a local diffusers folder, or a local transformers folder")
+    p.add_argument("--recipe", default=None,
+                   help="recipe string such as w4a16-g64-r32-w8a8 (the default) or a .yaml/.json recipe file")
+    p.add_argument("--method", default=None, help="fitting method: loraq (default), svdquant, lqer, rtn")
+    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--num-layers", type=int, default=None, help="presets only: build a shallower copy")
+    p.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
+    p.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loraq", description="Data-free 4-bit quantization with a quantized low-rank branch, "
+                                               "exported as QDQ ONNX and validated in ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ex = sub.add_parser("export", help="quantize (or load a checkpoint), export QDQ ONNX, validate in ONNX Runtime")
+    _add_common(ex)
+    ex.add_argument("--fp-onnx", action="store_true", help="also write the unquantized graph as model_fp.onnx")
+    ex.add_argument("--no-quality", action="store_true", help="skip the end-to-end quality evaluation")
+    ex.set_defaults(func=cmd_export)
+    return parser
+
+
+def cmd_export(args) -> int:
+    from loraq_export.pipeline import Options, run_export
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    opts = Options(model=args.model, recipe=args.recipe, method=args.method, out=args.out or Path("loraq-out"),
+                   overwrite=args.overwrite, fp_onnx=args.fp_onnx, num_layers=args.num_layers, seed=args.seed,
+                   workers=args.workers, progress=not args.no_progress, quality=not args.no_quality)
+    run_export(opts)
+    return 0
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local: never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"loraq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraq: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Model sources: the embedded MiniLM, diffusion presets, local diffusers / transformers folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from loraq_export.errors import UserError
+from loraq_export.models.base import LoadedModel
+
+__all__ = ["LoadedModel", "load_model", "describe_sources"]
+
+
+def describe_sources() -> str:
+    from loraq_export.models.diffusion import preset_names
+    return f"'minilm' (default), presets {', '.join(preset_names())}, or a local diffusers/transformers folder"
+
+
+def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, seed: int = 0) -> LoadedModel:
+    """Resolve what the user named: None/'minilm', a preset name, or a local folder."""
+    from loraq_export.models import diffusion, minilm
+
+    if model is None or model.lower() in minilm.ALIASES:
+        if num_layers is not None:
+            raise UserError("--num-layers applies to the diffusion presets only")
+        return minilm.load_minilm()
+    if model in diffusion.PRESETS:
+        if num_layers is not None and num_layers < 1:
+            raise UserError(f"--num-layers must be at least 1, got {num_layers}")
+        module = diffusion.build_preset(model, num_layers=num_layers, seed=seed)
+        return diffusion.make_diffusion_model(module, model, {"preset": model, "seed": seed, "num_layers": num_layers})
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"model {model!r} not found: pass {describe_sources()}")
+    if num_layers is not None:
+        raise UserError("--num-layers applies to the diffusion presets only, not to a folder")
+    config = path / "config.json"
+    if path.is_dir() and config.is_file() and not (path / "model_index.json").exists():
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{config} is not readable JSON ({e}); re-save the model") from None
+        if isinstance(cfg, dict) and "_class_name" not in cfg and "model_type" in cfg:
+            return minilm.load_bert(path, path.name)
+    module, source = diffusion.load_diffusers_folder(path)
+    return diffusion.make_diffusion_model(module, path.name, source)

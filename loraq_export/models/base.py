@@ -1,0 +1,34 @@
+"""What every model source hands to the rest of the flow."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to quantize and export.
+
+    ``module`` is the model itself (eval mode, float32); ``wrapper`` calls it with positional
+    tensors in ``input_names`` order and returns the single tensor named ``output_names[0]``:
+    it is what ``torch.onnx.export`` sees, so the ONNX graph keeps the model's natural interface.
+    ``make_inputs(seed, batch, seq)`` returns example inputs in ``input_names`` order (``seq`` is
+    the token count: sentence length, or image tokens for a diffusion transformer).
+    ``select(name, linear)`` returns (quantize?, reason) for the default layer selection.
+    ``linear_root`` is the prefix of the module names that layer patterns are matched against
+    (names are relative to ``module``).
+    """
+
+    name: str
+    kind: str  # "bert", "pixart", "sana", ...
+    module: nn.Module
+    wrapper: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    make_inputs: Callable[..., tuple[torch.Tensor, ...]]
+    select: Callable[[str, nn.Linear], tuple[bool, str]]
+    source: dict = field(default_factory=dict)  # provenance for the report (path, preset, class, seed)

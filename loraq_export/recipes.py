@@ -1,0 +1,191 @@
+"""Recipes: one name for the whole quantization setup, as a string or a YAML/JSON file.
+
+String form: ``<main>-g<group>[-r<rank>-<branch>][-asym]``, e.g. ``w4a4-g64-r32-w8a8``
+(main W4A4, weights in groups of 64 along the input dim, rank-32 branch in W8A8).
+``g<group>`` is ``g32``, ``g64``, ``g128`` or ``gch`` (per output channel).
+
+File form (YAML or JSON)::
+
+    recipe: w4a16-g64-r32-w8a8     # the string form, or spelled out below
+    method: loraq
+    include: ["transformer_blocks.*"]   # fnmatch patterns on module names (default: the model's own rule)
+    exclude: ["*.attn2.*"]
+    options: {steps: 100}               # method options
+    overrides:                          # first matching pattern wins
+      - {pattern: "*.ff.*", recipe: w4a16-g64-r64-w8a8}
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from calibless.formats import (BRANCH_FORMATS, MAIN_FORMATS, BranchFormat, FitSpec, LayerFormat,
+                               branch_format, main_format)
+from calibless.methods import METHODS
+from loraq_export.errors import UserError
+
+DEFAULT_RECIPE = "w4a16-g64-r32-w8a8"
+DEFAULT_METHOD = "loraq"
+_GROUP = re.compile(r"^g(ch|\d+)$")
+_RANK = re.compile(r"^r(\d+)$")
+EXAMPLE = "e.g. 'w4a4-g64-r32-w8a8' or 'w4a16-g128'"
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """The formats of one layer, parsed from the string form."""
+
+    name: str
+    main: LayerFormat
+    rank: int = 0
+    branch: Optional[BranchFormat] = None
+
+
+def parse_layer_recipe(text: str) -> LayerRecipe:
+    bad = f"bad recipe {text!r}"
+    parts = str(text).strip().lower().split("-")
+    if len(parts) < 2:
+        raise UserError(f"{bad}: expected <main>-g<group>[-r<rank>-<branch>]; {EXAMPLE}")
+    asym = parts[-1] == "asym"
+    if asym:
+        parts = parts[:-1]
+    if parts[0] not in MAIN_FORMATS:
+        raise UserError(f"{bad}: unknown main format {parts[0]!r}; choose one of {', '.join(MAIN_FORMATS)}")
+    m = _GROUP.match(parts[1])
+    if not m:
+        raise UserError(f"{bad}: {parts[1]!r} is not a group size; use g32, g64, g128 or gch (per channel)")
+    group = None if m.group(1) == "ch" else int(m.group(1))
+    if group not in (None, 32, 64, 128):
+        raise UserError(f"{bad}: group size {group} is not supported; use g32, g64, g128 or gch")
+    main = main_format(parts[0], group, symmetric=not asym)
+    rest = parts[2:]
+    if not rest:
+        return LayerRecipe(_canonical(parts[0], parts[1], 0, None, asym), main)
+    r = _RANK.match(rest[0])
+    if not r or len(rest) != 2:
+        raise UserError(f"{bad}: after the group size expected r<rank>-<branch format>; {EXAMPLE}")
+    rank = int(r.group(1))
+    if rank < 1:
+        raise UserError(f"{bad}: rank must be at least 1")
+    if rest[1] not in BRANCH_FORMATS:
+        raise UserError(f"{bad}: unknown branch format {rest[1]!r}; choose one of {', '.join(BRANCH_FORMATS)}")
+    return LayerRecipe(_canonical(parts[0], parts[1], rank, rest[1], asym), main, rank, branch_format(rest[1], group))
+
+
+def _canonical(main, group, rank, branch, asym):
+    s = f"{main}-{group}" + (f"-r{rank}-{branch}" if branch else "")
+    return s + ("-asym" if asym else "")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    layer: LayerRecipe
+    method: str = DEFAULT_METHOD
+    include: tuple = ()
+    exclude: tuple = ()
+    options: tuple = ()  # sorted (key, value) pairs
+    overrides: tuple = ()  # ((pattern, LayerRecipe), ...)
+    source: str = ""  # the string or file the recipe came from
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    def layer_recipe(self, module_name: str) -> LayerRecipe:
+        for pattern, lr in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return lr
+        return self.layer
+
+    def spec_for(self, module_name: str) -> FitSpec:
+        lr = self.layer_recipe(module_name)
+        return FitSpec(lr.main, lr.rank, lr.branch, self.options)
+
+    def pattern_decision(self, module_name: str) -> Optional[tuple[bool, str]]:
+        """(quantize?, reason) when the recipe's patterns decide, None to use the model's default."""
+        for p in self.exclude:
+            if fnmatch.fnmatchcase(module_name, p):
+                return False, f"excluded by recipe pattern {p!r}"
+        if self.include:
+            for p in self.include:
+                if fnmatch.fnmatchcase(module_name, p):
+                    return True, f"included by recipe pattern {p!r}"
+            return False, "matches no recipe include pattern"
+        return None
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.name, "method": self.method, "include": list(self.include),
+                "exclude": list(self.exclude), "options": dict(self.options),
+                "overrides": [{"pattern": p, "recipe": lr.name} for p, lr in self.overrides]}
+
+    def with_method(self, method: Optional[str]) -> "Recipe":
+        return self if method is None else replace(self, method=_check_method(method))
+
+
+def _check_method(method: str, where: str = "") -> str:
+    if method not in METHODS:
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    return method
+
+
+def _strings(value, key: str, where: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: '{key}' must be a list of name patterns")
+    return tuple(value)
+
+
+def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping with at least a 'recipe' key")
+    known = {"recipe", "method", "include", "exclude", "options", "overrides"}
+    unknown = set(d) - known
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}")
+    if "recipe" not in d:
+        raise UserError(f"{where}: missing 'recipe' (the string form, {EXAMPLE})")
+    options = d.get("options") or {}
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: 'options' must be a mapping")
+    overrides = []
+    for o in d.get("overrides") or []:
+        if not isinstance(o, dict) or set(o) != {"pattern", "recipe"}:
+            raise UserError(f"{where}: each override needs exactly 'pattern' and 'recipe'")
+        overrides.append((str(o["pattern"]), parse_layer_recipe(o["recipe"])))
+    return Recipe(parse_layer_recipe(d["recipe"]), _check_method(str(d.get("method", DEFAULT_METHOD)), where),
+                  _strings(d.get("include"), "include", where), _strings(d.get("exclude"), "exclude", where),
+                  tuple(sorted(options.items())), tuple(overrides), source=where)
+
+
+def load_recipe(text: Optional[str] = None, method: Optional[str] = None) -> Recipe:
+    """A recipe from a string, a .yaml/.yml/.json file, or the default; ``method`` overrides the file's."""
+    text = DEFAULT_RECIPE if text is None else text
+    p = Path(text)
+    if p.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not p.is_file():
+            raise UserError(f"recipe file {text} does not exist; pass an existing file or a recipe string ({EXAMPLE})")
+        try:
+            raw = p.read_text()
+            if p.suffix.lower() == ".json":
+                d = json.loads(raw)
+            else:
+                import yaml
+                d = yaml.safe_load(raw)
+        except Exception as e:  # the parsers' own messages say where the syntax broke
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"recipe file {text} is not valid {p.suffix[1:].upper()}: {first}") from None
+        return recipe_from_dict(d, where=f"recipe file {text}").with_method(method)
+    return Recipe(parse_layer_recipe(text), source=text).with_method(method)
+
+
+def recipe_from_json(d: dict) -> Recipe:
+    """Inverse of ``Recipe.to_dict`` (checkpoints store it)."""
+    return recipe_from_dict({k: v for k, v in d.items() if v not in (None, [], {})} | {"recipe": d["recipe"]})
