@@ -1,0 +1,153 @@
+"""End-to-end diffusion quality harness: run the same sampling loop with the float transformer, a
+quantized one, or an ONNX Runtime session, and compare the final latents.
+
+A *denoiser* is ``denoise(latents, t, cond) -> prediction``: ``latents`` (B, C, H, W) float32,
+``t`` the scheduler's current timestep (0-dim tensor), ``cond`` the remaining model inputs in
+``input_names`` order after ``hidden_states, timestep`` (text embeddings, attention mask).
+No classifier-free guidance: one model call per step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from loraq_export.errors import UserError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+# kind -> (diffusers scheduler class, constructor kwargs)
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, scheduler/scheduler_config.json: DPM-Solver++(2M) on the
+    # linear-beta DDPM schedule, epsilon prediction (= DPMSolverMultistepScheduler() defaults, which is
+    # what diffusers' scripts/convert_pixart_sigma_to_diffusers.py writes into the pipeline).
+    "pixart": (
+        "DPMSolverMultistepScheduler",
+        {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "beta_schedule": "linear",
+            "solver_order": 2,
+            "prediction_type": "epsilon",
+            "algorithm_type": "dpmsolver++",
+            "solver_type": "midpoint",
+            "lower_order_final": True,
+            "timestep_spacing": "linspace",
+            "steps_offset": 0,
+        },
+    ),
+    # SANA, flow matching with the 1024px flow shift 3.0 (Efficient-Large-Model/Sana_600M_1024px_diffusers
+    # and Sana_1600M_1024px_diffusers scheduler configs; diffusers' scripts/convert_sana_to_diffusers.py,
+    # scheduler_type "flow-euler": FlowMatchEulerDiscreteScheduler(shift=flow_shift), flow_shift=3.0).
+    "sana": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+    # The scheduler the published SANA pipelines ship (convert_sana_to_diffusers.py default
+    # "flow-dpm_solver"): DPM-Solver++ on flow sigmas, flow prediction, same shift.
+    "sana-dpm": (
+        "DPMSolverMultistepScheduler",
+        {"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+}
+_ALIASES = {"pixart-sigma": "pixart", "sana-600m": "sana", "sana-1.6b": "sana"}
+
+
+def scheduler_for(kind: str):
+    """A fresh scheduler for ``kind`` ("pixart", "sana", "sana-dpm", or a preset name)."""
+    import diffusers
+
+    key = _ALIASES.get(kind, kind)
+    if key not in SCHEDULERS:
+        raise UserError(f"no scheduler for model kind {kind!r}: choose one of {', '.join(SCHEDULERS)}")
+    cls_name, config = SCHEDULERS[key]
+    return getattr(diffusers, cls_name)(**config)
+
+
+@torch.no_grad()
+def run_sampling_loop(denoise: Denoiser, scheduler, latents: torch.Tensor, cond: Sequence[torch.Tensor],
+                      steps: int = 20) -> torch.Tensor:
+    """Sample ``steps`` steps from the initial noise ``latents`` with the scheduler's own
+    ``set_timesteps`` / ``step``; returns the final latents (float32).
+
+    A prediction with twice the latent channels (PixArt's learned sigma) is cut to its first half,
+    the epsilon, as the PixArt pipelines do. Deterministic: the scheduler state is reset here.
+    """
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    scheduler.set_timesteps(steps, device="cpu")
+    x = latents.float() * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    channels = x.shape[1]
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        pred = torch.as_tensor(denoise(model_in, t, cond)).float()
+        if pred.shape[1] == 2 * channels:
+            pred = pred[:, :channels]
+        if pred.shape != x.shape:
+            raise UserError(
+                f"denoiser returned shape {tuple(pred.shape)} for latents {tuple(x.shape)}; "
+                "check that the model matches the latents"
+            )
+        x = scheduler.step(pred, t, x, return_dict=False)[0]
+    return x
+
+
+def _timesteps(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+
+
+def torch_denoiser(wrapper: torch.nn.Module) -> Denoiser:
+    """Adapter for a ``LoadedModel.wrapper`` (float or quantized): wrapper(latents, t, *cond)."""
+
+    @torch.no_grad()
+    def denoise(latents, t, cond):
+        return wrapper(latents, _timesteps(t, latents.shape[0]), *cond)
+
+    return denoise
+
+
+def onnx_denoiser(session, input_names: Sequence[str]) -> Denoiser:
+    """Adapter for an ``onnxruntime.InferenceSession`` with inputs named ``input_names``
+    (hidden_states, timestep, then ``cond``). Inputs the graph lacks are skipped; dtypes follow
+    the graph's declared input types."""
+    graph_inputs = {i.name: i.type for i in session.get_inputs()}
+    np_types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+    def denoise(latents, t, cond):
+        values = [latents, _timesteps(t, latents.shape[0]), *cond]
+        feed = {}
+        for name, value in zip(input_names, values):
+            if name in graph_inputs:
+                arr = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+                feed[name] = arr.astype(np_types.get(graph_inputs[name], arr.dtype), copy=False)
+        return torch.from_numpy(np.asarray(session.run(None, feed)[0]))
+
+    return denoise
+
+
+def latent_metrics(ref: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) against the reference's dynamic range (max - min) and cosine similarity."""
+    ref64 = torch.as_tensor(ref).detach().double().flatten()
+    x64 = torch.as_tensor(x).detach().double().flatten()
+    if ref64.shape != x64.shape:
+        raise UserError(f"cannot compare latents of {ref64.numel()} and {x64.numel()} values; shapes differ")
+    mse = float(torch.mean((ref64 - x64) ** 2))
+    peak = float(ref64.max() - ref64.min())
+    if not math.isfinite(mse):
+        psnr = float("-inf")
+    elif mse == 0.0:
+        psnr = float("inf")
+    else:
+        psnr = 10.0 * math.log10(peak**2 / mse) if peak > 0 else float("-inf")
+    denom = float(ref64.norm() * x64.norm())
+    cosine = float(ref64 @ x64) / denom if denom > 0 else float("nan")
+    return {"psnr_db": psnr, "cosine": cosine}
+
+
+def compare_denoisers(reference: Denoiser, candidate: Denoiser, kind: str, latents: torch.Tensor,
+                      cond: Sequence[torch.Tensor], steps: int = 20) -> dict[str, float]:
+    """Run the loop with both denoisers from the same noise and compare the final latents."""
+    ref = run_sampling_loop(reference, scheduler_for(kind), latents, cond, steps)
+    out = run_sampling_loop(candidate, scheduler_for(kind), latents, cond, steps)
+    return latent_metrics(ref, out)
