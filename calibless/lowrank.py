@@ -1,42 +1,35 @@
-"""Low-rank factorizations used by the methods: exact and randomized truncated SVD.
+"""Truncated SVD for the methods: a randomized range finder (Halko, Martinsson, Tropp 2011).
 
-Both return balanced factors A (K, r) = U sqrt(S), B (r, N) = sqrt(S) V^T, so A and B have
-similar ranges and quantize equally well. The randomized SVD takes an explicit generator so a
-layer's result never depends on global RNG state (byte-identical across processes).
+Returns balanced factors A (K, r) = U sqrt(S), B (r, N) = sqrt(S) V^T, so A and B have similar
+ranges and quantize equally well. The sketch takes an explicit generator, so a layer's result
+never depends on global RNG state (byte-identical across processes). Iterative methods pass the
+previous B as ``warm``: the residual changes little between iterations, so its row space is an
+excellent starting sketch and one power iteration suffices.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-# Above this many elements, the randomized SVD is used (full SVD is cubic and dominates time).
-EXACT_SVD_MAX_ELEMENTS = 0
+OVERSAMPLE = 16
 
 
-def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
-
-
-def svd_exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-    a, b = _balanced(u, s, vh, r)
-    return a.to(m.dtype), b.to(m.dtype)
-
-
-def svd_randomized(m: torch.Tensor, r: int, oversample: int = 16, power_iters: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Halko et al. randomized range finder with power iterations (QR re-orthonormalized)."""
+def top_r(m: torch.Tensor, r: int, seed: int = 0, warm: Optional[torch.Tensor] = None,
+          power_iters: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     k, n = m.shape
-    p = min(r + oversample, min(k, n))
+    p = min(r + OVERSAMPLE, min(k, n))
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(m @ torch.randn(n, p, generator=gen, dtype=m.dtype))
+    if warm is not None:
+        extra = p - warm.shape[0]
+        start = torch.cat([warm.T.to(m.dtype), torch.randn(n, extra, generator=gen, dtype=m.dtype)], 1) if extra > 0 else warm.T[:, :p]
+        power_iters = 1
+    else:
+        start = torch.randn(n, p, generator=gen, dtype=m.dtype)
+    q, _ = torch.linalg.qr(m @ start)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(m.T @ q)
         q, _ = torch.linalg.qr(m @ z)
     u, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
-    return _balanced(q @ u, s, vh, r)
-
-
-def top_r(m: torch.Tensor, r: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    if m.numel() <= EXACT_SVD_MAX_ELEMENTS:
-        return svd_exact(m, r)
-    return svd_randomized(m, r, seed=seed)
+    root = s[:r].sqrt()
+    return (q @ u[:, :r]) * root, root[:, None] * vh[:r]

@@ -28,14 +28,17 @@ from calibless.methods.svdquant import alternate
 from calibless.quant import _expand, choose_qparams, fake_quant_weight
 from calibless.record import Branch, QTensor, QuantizedLinear, down_format
 
-CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(13))  # 1.0 .. 0.52
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
+NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
 
 
-def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> QTensor:
-    """Per-block clipping search, then a least-squares refit of each block's scale."""
+def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tuple[QTensor, torch.Tensor]:
+    """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales),
+    then a least-squares refit of each block's scale. Returns the quantized tensor and each
+    block's chosen ratio to its absmax scale."""
     base, zp = choose_qparams(r, fmt)
     if zp is not None:  # asymmetric grids keep absmax-style range fitting
-        return QTensor.from_float(r, fmt)
+        return QTensor.from_float(r, fmt), torch.ones_like(base)
     k, n = r.shape
     blocks = r.reshape(base.shape[0], -1, n)
     best_err = torch.full_like(base, float("inf"))
@@ -46,9 +49,10 @@ def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> QTen
         return ((q * s[:, None, :] - blocks) ** 2).sum(1), q
 
     for c in ratios:
-        err, _ = block_err(base * c)
+        cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
+        err, _ = block_err(cand)
         better = err < best_err
-        best = torch.where(better, base * c, best)
+        best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
     _, q = block_err(best)
     qq = (q * q).sum(1)
@@ -56,7 +60,21 @@ def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> QTen
     ls = torch.where(ls > 0, ls, best)
     err_ls, _ = block_err(ls)
     best = torch.where(err_ls < best_err, ls, best)
-    return QTensor.from_float(r, fmt, scale=best)
+    return QTensor.from_float(r, fmt, scale=best), best / base
+
+
+class _ClipSearch:
+    """The residual quantizer of the alternating initialisation: a full clipping search on the
+    first call, then only around each block's previous ratio (the residual changes little)."""
+
+    def __init__(self, fmt: WeightFormat):
+        self.fmt = fmt
+        self.ratio = None
+
+    def __call__(self, r: torch.Tensor) -> QTensor:
+        ratios = CLIP_RATIOS if self.ratio is None else [self.ratio * f for f in NEIGHBOURS]
+        q, self.ratio = quantize_mse(r, self.fmt, ratios)
+        return q
 
 
 def _branch_formats(spec, k: int):
@@ -66,58 +84,69 @@ def _branch_formats(spec, k: int):
     return down_format(spec.branch, k), WeightFormat(w.bits, w.symmetric, None)
 
 
-def _deployed_error(w, s, a, b, spec):
-    main = QTensor.from_float(w - a @ b, spec.main.weight, scale=s)
+def _deployed(w, s, a, b, spec):
+    """What is stored: the branch quantized in its format, the main codes rounded from the
+    residual the quantized branch leaves (so the main path also absorbs the branch's error)."""
     br = Branch.from_float(a, b, spec.branch)
+    main = QTensor.from_float(w - br.down_weight() @ br.up_weight(), spec.main.weight, scale=s)
     err = float(torch.linalg.norm(w - main.dequantize() - br.down_weight() @ br.up_weight()))
     return err, main, br
 
 
 def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
-    """Adam on (A, B, log s) from the alternating solution; returns the best deployed iterate."""
+    """Adam on (A, B, log s) from the alternating solution; returns the best deployed iterate.
+
+    The gradient is written out rather than taken by autograd (the step is a handful of
+    matrix products over the layer, and this halves its cost): with E the error matrix and the
+    codes held constant, dL/d(AqBq) = -2E (the straight-through estimator carries it to A and B
+    through their own quantizers) and dL/ds = -2 sum_block(E * codes).
+    """
     fmt = spec.main.weight
     fa, fb = _branch_formats(spec, w.shape[0])
     k = w.shape[0]
-    best = (*_deployed_error(w, main.scale, a, b, spec), a, b)
-    A = a.clone().requires_grad_(True)
-    B = b.clone().requires_grad_(True)
-    log_s = main.scale.log().clone().requires_grad_(True)
+    g = fmt.block_size(k)
+    best = (*_deployed(w, main.scale, a, b, spec), a, b)
+    A, B, log_s = a.clone(), b.clone(), main.scale.log().clone()
     rms_a = float(a.pow(2).mean().sqrt()) or 1.0
     rms_b = float(b.pow(2).mean().sqrt()) or 1.0
-    opt = torch.optim.Adam([{"params": [A], "lr": lr * rms_a},
-                            {"params": [B], "lr": lr * rms_b},
-                            {"params": [log_s], "lr": lr}])
+    params = [torch.nn.Parameter(A), torch.nn.Parameter(B), torch.nn.Parameter(log_s)]
+    opt = torch.optim.Adam([{"params": [params[0]], "lr": lr * rms_a}, {"params": [params[1]], "lr": lr * rms_b},
+                            {"params": [params[2]], "lr": lr}])
     # Cosine decay: large early steps let codes re-round and escape the alternating fixed
     # point; the small late steps settle on a good joint solution.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    eval_every = max(1, steps // 10)
-    with torch.enable_grad():
+    eval_every = max(1, steps // 8)
+    wb = w.reshape(k // g, g, -1)  # blocked view: scales broadcast instead of being expanded
+    with torch.no_grad():
         for step in range(1, steps + 1):
-            s = _expand(log_s.exp(), k)
-            with torch.no_grad():
-                codes = torch.clamp(torch.round((w - A @ B) / s), fmt.qmin, fmt.qmax)
+            A, B, log_s = (p.data for p in params)
+            scale = log_s.exp()
+            sc = scale[:, None, :]
             aq = A if fa is None else fake_quant_weight(A, fa)
             bq = B if fb is None else fake_quant_weight(B, fb)
-            loss = (w - codes * s - aq @ bq).pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            r = wb - (aq @ bq).reshape_as(wb)
+            codes = torch.round(r / sc).clamp_(fmt.qmin, fmt.qmax)
+            e = r.sub_(codes * sc)  # the error W - codes*s - AqBq, in r's memory
+            params[2].grad = (e * codes).sum(1).mul_(-2 * scale)
+            e = e.reshape(k, -1)
+            params[0].grad = (e @ bq.T).mul_(-2)
+            params[1].grad = (aq.T @ e).mul_(-2)
             opt.step()
             sched.step()
             if step % eval_every == 0 or step == steps:
-                with torch.no_grad():
-                    cand = _deployed_error(w, log_s.exp(), A.detach(), B.detach(), spec)
+                cand = _deployed(w, params[2].data.exp(), params[0].data, params[1].data, spec)
                 if cand[0] < best[0]:
-                    best = (*cand, A.detach().clone(), B.detach().clone())
+                    best = (*cand, params[0].data.clone(), params[1].data.clone())
     return best
 
 
 @register_method("loraq", uses_branch=True)
 def fit_loraq(w, spec, act_stats=None, seed=0):
     fmt = spec.main.weight
-    main, a, b, _ = alternate(w, spec, lambda r: quantize_mse(r, fmt), spec.option("init_iters", 20), seed)
-    steps = spec.option("steps", 100)
+    main, a, b, _ = alternate(w, spec, _ClipSearch(fmt), spec.option("init_iters", 4), seed)
+    steps = spec.option("steps", 80)
     if steps > 0:
         _, main, br, a, b = refine(w, main, a, b, spec, steps, spec.option("lr", 0.1))
     else:
-        br = Branch.from_float(a, b, spec.branch)
+        _, main, br = _deployed(w, main.scale, a, b, spec)
     return QuantizedLinear(main, spec.main, br)

@@ -33,7 +33,7 @@ def alternate(w, spec, quantize_residual, max_iter: int, seed: int, weight=None)
         if best is not None and err >= best[3]:
             break
         best = (main, a, b, err)
-        a, b = top_r(w - main.dequantize(), spec.rank, seed=seed)
+        a, b = top_r(w - main.dequantize(), spec.rank, seed=seed, warm=b)
     return best
 
 
