@@ -29,7 +29,7 @@ class QTensor:
             s = scale.detach().float()
         codes = quantize(w, s, zp, fmt)
         storage = torch.int8 if fmt.symmetric else torch.uint8
-        return cls(codes.to(storage), s.contiguous(), None if zp is None else zp.to(torch.uint8), fmt)
+        return cls(codes.to(storage).contiguous(), s.contiguous(), None if zp is None else zp.to(torch.uint8).contiguous(), fmt)
 
     @property
     def shape(self) -> tuple[int, int]:

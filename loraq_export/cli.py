@@ -38,17 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp-onnx", action="store_true", help="also write the unquantized graph as model_fp.onnx")
     ex.add_argument("--no-quality", action="store_true", help="skip the end-to-end quality evaluation")
     ex.set_defaults(func=cmd_export)
+    qu = sub.add_parser("quantize", help="fit the quantized layers and write a checkpoint (resumable; "
+                                         "shardable with torchrun --nproc-per-node N -m loraq_export.cli quantize ...)")
+    _add_common(qu)
+    qu.set_defaults(func=cmd_quantize)
     return parser
 
 
-def cmd_export(args) -> int:
-    from loraq_export.pipeline import Options, run_export
+def _options(args, default_out: str):
+    from loraq_export.pipeline import Options
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    opts = Options(model=args.model, recipe=args.recipe, method=args.method, out=args.out or Path("loraq-out"),
-                   overwrite=args.overwrite, fp_onnx=args.fp_onnx, num_layers=args.num_layers, seed=args.seed,
-                   workers=args.workers, progress=not args.no_progress, quality=not args.no_quality)
-    run_export(opts)
+    return Options(model=args.model, recipe=args.recipe, method=args.method, out=args.out or Path(default_out),
+                   overwrite=args.overwrite, fp_onnx=getattr(args, "fp_onnx", False), num_layers=args.num_layers,
+                   seed=args.seed, workers=args.workers, progress=not args.no_progress,
+                   quality=not getattr(args, "no_quality", False))
+
+
+def cmd_export(args) -> int:
+    from loraq_export.pipeline import run_export
+    run_export(_options(args, "loraq-out"))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from loraq_export.quantize import run_quantize
+    run_quantize(_options(args, "loraq-ckpt"))
     return 0
 
 

@@ -74,7 +74,10 @@ def layer_seed(seed: int, name: str) -> int:
 
 def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int) -> tuple[str, QuantizedLinear]:
     torch.set_num_threads(1)
-    return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name))
+    try:
+        return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name))
+    except ValueError as e:  # the method refusing this layer's input
+        raise UserError(f"layer {name}: {e}") from None
 
 
 def _worker_init():
@@ -91,11 +94,12 @@ def fit_layers(loaded: LoadedModel, plans: list[LayerPlan], method: str, seed: i
                shard: tuple[int, int] = (0, 1)) -> dict[str, QuantizedLinear]:
     """Fit the planned layers not already in ``done``; ``on_fitted`` is called as each finishes
     (a checkpoint writes it to disk there, which is what makes a run resumable). With
-    ``shard=(rank, world)`` only every world-th remaining layer from ``rank`` is fitted."""
+    ``shard=(rank, world)`` only every world-th planned layer from ``rank`` is fitted."""
     done = dict(done or {})
     mods = dict(loaded.module.named_modules())
-    todo = [p for p in plans if p.quantize and p.name not in done]
-    todo = todo[shard[0]::shard[1]]
+    # shard over ALL planned layers, not the remaining ones: a resumed rank keeps its share
+    todo = [p for p in plans if p.quantize][shard[0]::shard[1]]
+    todo = [p for p in todo if p.name not in done]
     workers = min(workers or default_workers(), max(1, len(todo)))
     bar = tqdm(total=len(todo), desc=f"fitting ({method}, {workers} proc)", unit="layer", disable=not progress,
                dynamic_ncols=True)
@@ -116,8 +120,6 @@ def fit_layers(loaded: LoadedModel, plans: list[LayerPlan], method: str, seed: i
                 for fut in as_completed(futures):
                     name, rec = fut.result()
                     _finish(done, name, rec, on_fitted, bar)
-    except ValueError as e:  # a method refusing its input
-        raise UserError(str(e)) from None
     finally:
         bar.close()
     return done

@@ -16,6 +16,18 @@ from pathlib import Path
 from loraq_export.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the user's usual modes."""
+    mask = _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,6 +36,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +79,8 @@ def staged_dir(out: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    for p in [stage, *stage.rglob("*")]:
+        _publish_permissions(p)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -68,7 +68,7 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
 
     ``layer_io``: layer -> (input name, output name) in the graph; ``layer_fns``: layer -> the
     torch reference of that layer; ``fp_outputs``: the FP model's outputs on ``batches``
-    (bounds the end-to-end check; without them the end-to-end bound is LAYER_TOLERANCE).
+    (bounds the end-to-end check; without them the end-to-end figure is reported, not bounded).
     """
     names = [t for io in layer_io.values() for t in io]
     session = ort_session(with_outputs(model, names))
@@ -97,8 +97,9 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
                               "please report it with the recipe used")
     worst = max(e2e, key=lambda a: a["rel_l2"])
     q = worst["quant_rel_l2"]
-    bound = LAYER_TOLERANCE if q is None else max(LAYER_TOLERANCE, END_TO_END_FRACTION * min(a["quant_rel_l2"] for a in e2e))
-    if not worst["rel_l2"] <= bound:
+    # without the FP outputs there is no scale for the end-to-end figure: it is reported only
+    bound = None if q is None else max(LAYER_TOLERANCE, END_TO_END_FRACTION * min(a["quant_rel_l2"] for a in e2e))
+    if bound is not None and not worst["rel_l2"] <= bound:
         raise ValidationError(f"ONNX Runtime output disagrees with torch end to end: relative L2 {worst['rel_l2']:.3g} "
                               f"> {bound:.3g} (layers agree to {worst_layer['rel_l2']:.2g}); please report it with the recipe used")
     return {"layers": len(layer_io), "worst_layer": worst_layer, "layer_tolerance": layer_tolerance,

@@ -60,6 +60,11 @@ def load_bert(path: Path, name: str) -> LoadedModel:
         model = AutoModel.from_pretrained(str(path), attn_implementation="eager").float().eval()
     except Exception as e:
         raise UserError(f"could not load a transformers model from {path}: {str(e).splitlines()[0]}") from None
+    return wrap_bert(model, path, name)
+
+
+def wrap_bert(model: nn.Module, path: Path, name: str) -> LoadedModel:
+    """The LoadedModel of a BERT-family encoder whose tokenizer files are in ``path``."""
     tokenizer = load_tokenizer(path)
     texts = sentences()
 

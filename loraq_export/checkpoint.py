@@ -1,0 +1,251 @@
+"""Checkpoints a user can reload and ship.
+
+A checkpoint is a directory:
+- ``config.json``: the model's own config (diffusers ``_class_name`` or transformers
+  ``model_type``) with a ``quantization_config`` keyed by ``quant_method: "loraq"`` (the
+  diffusers convention) holding the format version, recipe, method, seed and per-layer formats;
+- ``model.safetensors``: every tensor of the model, with each quantized layer stored as packed
+  codes and scales in nunchaku's naming (``qweight``, ``wscales``, ``wzeros``, ``proj_down``,
+  ``proj_up``); the same JSON in the file's metadata, so the file alone is self-describing;
+- tokenizer files for transformers models, so quality can be re-evaluated from the checkpoint.
+
+Codes are stored in (in, out) layout, INT4 packed two per byte low nibble first (ONNX's layout).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from calibless.formats import BranchFormat, LayerFormat, WeightFormat
+from calibless.packing import pack_int4, unpack_int4
+from calibless.record import Branch, QTensor, QuantizedLinear
+from loraq_export.errors import UserError
+
+QUANT_METHOD = "loraq"
+CHECKPOINT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+# ---------- one quantized tensor / one layer <-> flat tensors ----------
+
+def _qtensor_tensors(prefix: str, q: QTensor) -> dict[str, torch.Tensor]:
+    codes = q.codes.numpy()
+    packed = torch.from_numpy(pack_int4(codes)) if q.fmt.bits == 4 else q.codes.contiguous().clone()
+    out = {f"{prefix}.qweight": packed, f"{prefix}.wscales": q.scale.contiguous()}
+    if q.zero_point is not None:
+        out[f"{prefix}.wzeros"] = q.zero_point.contiguous()
+    return out
+
+
+def _qtensor_from(prefix: str, t: dict, fmt: WeightFormat, shape: tuple[int, int]) -> QTensor:
+    k, n = shape
+    packed = t[f"{prefix}.qweight"]
+    if fmt.bits == 4:
+        codes = torch.from_numpy(unpack_int4(packed.numpy(), k * n, fmt.symmetric).reshape(k, n).copy())
+    else:
+        codes = packed
+    if tuple(codes.shape) != (k, n):
+        raise ValueError(f"{prefix}.qweight holds shape {tuple(codes.shape)}, config says {(k, n)}")
+    scale = t[f"{prefix}.wscales"].float()
+    if scale.shape[1] != n or k % scale.shape[0]:
+        raise ValueError(f"{prefix}.wscales has shape {tuple(scale.shape)}, not compatible with {(k, n)}")
+    zp = t.get(f"{prefix}.wzeros")
+    if (zp is None) != fmt.symmetric:
+        raise ValueError(f"{prefix}: zero points {'missing' if zp is None else 'present'} for this format")
+    return QTensor(codes.to(torch.int8 if fmt.symmetric else torch.uint8), scale, zp, fmt)
+
+
+def record_tensors(name: str, rec: QuantizedLinear) -> dict[str, torch.Tensor]:
+    out = _qtensor_tensors(name, rec.weight)
+    if rec.branch is not None:
+        for part, f in (("proj_down", rec.branch.down), ("proj_up", rec.branch.up)):
+            if isinstance(f, QTensor):
+                out.update(_qtensor_tensors(f"{name}.{part}", f))
+            else:
+                out[f"{name}.{part}"] = f.contiguous().clone()
+    if rec.smooth is not None:
+        out[f"{name}.smooth"] = rec.smooth.contiguous()
+    return out
+
+
+def record_meta(rec: QuantizedLinear) -> dict:
+    b = rec.branch
+    return {"shape": [rec.in_features, rec.out_features], "format": rec.fmt.to_dict(), "method": rec.method,
+            "branch": None if b is None else {"rank": b.rank, "format": b.fmt.to_dict(),
+                                              "down_format": b.down.fmt.to_dict() if isinstance(b.down, QTensor) else None,
+                                              "up_format": b.up.fmt.to_dict() if isinstance(b.up, QTensor) else None},
+            "smooth": rec.smooth is not None, "act_scales": rec.act_scales,
+            "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
+
+
+def record_from(name: str, t: dict, meta: dict) -> QuantizedLinear:
+    k, n = meta["shape"]
+    fmt = LayerFormat.from_dict(meta["format"])
+    weight = _qtensor_from(name, t, fmt.weight, (k, n))
+    branch = None
+    if meta["branch"] is not None:
+        bm = meta["branch"]
+        bfmt, r = BranchFormat.from_dict(bm["format"]), bm["rank"]
+        factors = []
+        for part, shape, fkey in (("proj_down", (k, r), "down_format"), ("proj_up", (r, n), "up_format")):
+            if bm[fkey] is None:
+                f = t[f"{name}.{part}"]
+                if tuple(f.shape) != shape:
+                    raise ValueError(f"{name}.{part} has shape {tuple(f.shape)}, config says {shape}")
+            else:
+                f = _qtensor_from(f"{name}.{part}", t, WeightFormat.from_dict(bm[fkey]), shape)
+            factors.append(f)
+        branch = Branch(factors[0], factors[1], bfmt)
+    smooth = t.get(f"{name}.smooth") if meta["smooth"] else None
+    if meta["smooth"] and smooth is None:
+        raise ValueError(f"{name}.smooth is missing")
+    return QuantizedLinear(weight, fmt, branch, smooth, dict(meta.get("act_scales") or {}), meta.get("method", ""),
+                           {"rel_error": meta.get("rel_error")})
+
+
+def quantized_keys(name: str, rec_meta: dict) -> set:
+    """Keys of the model's own state dict that a quantized layer replaces."""
+    return {f"{name}.weight"}
+
+
+# ---------- whole checkpoints ----------
+
+def model_config(loaded) -> dict:
+    cfg = loaded.module.config
+    if hasattr(cfg, "to_dict"):
+        d = cfg.to_dict()
+    else:
+        d = {k: v for k, v in dict(cfg).items()}
+        d["_class_name"] = type(loaded.module).__name__
+    return json.loads(json.dumps(d, default=str))
+
+
+def quantization_config(recipe, seed: int, records: dict, skipped: dict, source: dict) -> dict:
+    """``source`` says how to reload the FP original (model argument, num_layers), so that
+    ``loraq export CKPT`` can compare against it when it is still available."""
+    return {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "recipe": recipe.to_dict(),
+            "method": recipe.method, "seed": seed, "source": source,
+            "layers": {n: record_meta(records[n]) for n in sorted(records)}, "skipped": dict(sorted(skipped.items()))}
+
+
+def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
+    """Write config.json and model.safetensors into ``stage`` (a staging directory)."""
+    from safetensors.torch import save_file
+    tensors = {}
+    replaced = set()
+    for name in sorted(records):
+        tensors.update(record_tensors(name, records[name]))
+        replaced |= quantized_keys(name, qconfig["layers"][name])
+    for key, value in loaded.module.state_dict().items():
+        if key not in replaced:
+            tensors[key] = value.detach().contiguous()
+    meta_json = json.dumps(qconfig, sort_keys=True)
+    # One metadata key only: safetensors writes its metadata map in hash order, which differs
+    # between processes, and checkpoints must be byte-identical across runs.
+    save_file(tensors, str(stage / WEIGHTS), metadata={"quantization_config": meta_json})
+    config = model_config(loaded)
+    config["quantization_config"] = qconfig
+    (stage / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    src = loaded.source.get("path")
+    if loaded.kind == "bert" and src:
+        for f in TOKENIZER_FILES:
+            if (Path(src) / f).is_file():
+                shutil.copyfile(Path(src) / f, stage / f)
+
+
+def is_checkpoint(path: Path) -> bool:
+    p = Path(path)
+    if not (p / CONFIG).is_file():
+        return False
+    try:
+        return "quantization_config" in json.loads((p / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def read_quantization_config(path: Path) -> tuple[dict, dict]:
+    p = Path(path)
+    try:
+        config = json.loads((p / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p / CONFIG} is not readable JSON ({e}); the checkpoint is damaged, re-run loraq quantize") from None
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise UserError(f"{p} has no loraq quantization_config in config.json; pass a checkpoint written by 'loraq quantize'")
+    v = q.get("version")
+    if not isinstance(v, int) or v > CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {p} has format version {v}, this loraq reads up to {CHECKPOINT_VERSION}; upgrade loraq")
+    for key in ("recipe", "layers", "method"):
+        if key not in q:
+            raise UserError(f"checkpoint {p}: quantization_config lacks '{key}'; the checkpoint is damaged, re-run loraq quantize")
+    return config, q
+
+
+def _build_module(config: dict, path: Path):
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    if "_class_name" in cfg:
+        from loraq_export.models.diffusion import SUPPORTED, _diffusers_class
+        cls_name = cfg["_class_name"]
+        if cls_name not in SUPPORTED:
+            raise UserError(f"checkpoint {path} holds unsupported class {cls_name!r}; supported are {', '.join(SUPPORTED)}")
+        cls = _diffusers_class(cls_name)
+        return cls.from_config(cfg)
+    if "model_type" in cfg:
+        from transformers import AutoConfig, AutoModel
+        mcfg = AutoConfig.for_model(**cfg)
+        mcfg._attn_implementation = "eager"
+        return AutoModel.from_config(mcfg)
+    raise UserError(f"checkpoint {path}: config.json names neither a diffusers class nor a transformers model_type")
+
+
+def load_checkpoint(path: Path):
+    """Rebuild (LoadedModel with the quantized layers swapped in, records, recipe dict, qconfig)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config, q = read_quantization_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"checkpoint {path} has no {WEIGHTS}; re-run loraq quantize")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{weights} is corrupted or truncated ({str(e).splitlines()[0]}); re-run loraq quantize") from None
+    module = _build_module(config, path).float().eval()
+    records, replaced = {}, set()
+    try:
+        for name, meta in q["layers"].items():
+            records[name] = record_from(name, tensors, meta)
+            replaced |= quantized_keys(name, meta)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: quantization_config disagrees with its tensors ({e}); re-run loraq quantize") from None
+    own = {k: v for k, v in tensors.items() if k in module.state_dict()}
+    expected = set(module.state_dict()) - replaced
+    missing = sorted(expected - set(own))
+    if missing:
+        raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {missing[0]}); "
+                        "the checkpoint does not match its config, re-run loraq quantize")
+    module.load_state_dict(own, strict=False)
+    for name, rec in records.items():
+        lin = module.get_submodule(name)
+        if (lin.in_features, lin.out_features) != (rec.in_features, rec.out_features):
+            raise UserError(f"checkpoint {path}: layer {name} is {lin.in_features}x{lin.out_features} in the model "
+                            f"but {rec.in_features}x{rec.out_features} in the checkpoint; re-run loraq quantize")
+    loaded = _wrap(module, path, config)
+    return loaded, records, q
+
+
+def _wrap(module, path: Path, config: dict):
+    if "_class_name" in config:
+        from loraq_export.models.diffusion import make_diffusion_model
+        return make_diffusion_model(module, path.name, {"checkpoint": str(path)})
+    from loraq_export.models.minilm import wrap_bert
+    return wrap_bert(module, path, path.name)

@@ -1,0 +1,80 @@
+"""``loraq quantize``: fit every selected layer and write a checkpoint; resumable, shardable."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from loraq_export.checkpoint import quantization_config, write_checkpoint
+from loraq_export.distributed import Dist
+from loraq_export.errors import UserError
+from loraq_export.fitting import fit_layers, plan_layers
+from loraq_export.models import load_model
+from loraq_export.outputs import check_output_dir, staged_dir, write_json_atomic
+from loraq_export.recipes import load_recipe
+from loraq_export.report import build_report, format_summary
+from loraq_export.resume import PartialRun
+
+
+def fp_source(opts) -> dict:
+    model = opts.model
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
+    return {"model": model, "num_layers": opts.num_layers}
+
+
+def run_identity(opts, recipe, loaded) -> dict:
+    src = {k: v for k, v in loaded.source.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return {"model": opts.model or "minilm", "source": src, "recipe": recipe.to_dict(), "seed": opts.seed,
+            "num_layers": opts.num_layers}
+
+
+def fit_checkpointable(opts, dist: Dist):
+    """Load, plan and fit with resume and sharding; returns (loaded, recipe, plans, records, times, partial)."""
+    times = {}
+    t = time.perf_counter()
+    recipe = load_recipe(opts.recipe, opts.method)
+    problem = None
+    if dist.is_main:
+        try:
+            check_output_dir(opts.out, opts.overwrite)
+        except UserError as e:
+            problem = str(e)
+    dist.broadcast_error(problem)
+    loaded = load_model(opts.model, opts.num_layers, opts.seed)
+    plans = plan_layers(loaded, recipe)
+    times["load"] = round(time.perf_counter() - t, 3)
+    partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))
+    done = partial.load()
+    dist.barrier()  # every rank has read the partial state before anyone writes to it
+    if dist.is_main:
+        partial.start()
+    dist.barrier()
+    t = time.perf_counter()
+    workers = opts.workers if not dist.active else (opts.workers or 1)
+    records = fit_layers(loaded, plans, recipe.method, seed=opts.seed, workers=workers,
+                         progress=opts.progress and dist.is_main, done=done, on_fitted=partial.save,
+                         shard=(dist.rank, dist.world))
+    times["fit"] = round(time.perf_counter() - t, 3)
+    records = dist.gather_records({n: r for n, r in records.items()})
+    return loaded, recipe, plans, records, times, partial
+
+
+def run_quantize(opts, echo=print) -> dict:
+    dist = Dist.from_env()
+    try:
+        loaded, recipe, plans, records, times, partial = fit_checkpointable(opts, dist)
+        if not dist.is_main:
+            return {}
+        skipped = {p.name: p.reason for p in plans if not p.quantize}
+        t = time.perf_counter()
+        with staged_dir(opts.out, opts.overwrite) as stage:
+            write_checkpoint(stage, loaded, records, quantization_config(recipe, opts.seed, records, skipped, fp_source(opts)))
+            times["write"] = round(time.perf_counter() - t, 3)
+            report = build_report(loaded, recipe, plans, records, times, opts.seed, stage)
+            report["distributed"] = {"world_size": dist.world, "backend": "gloo" if dist.active else None}
+            write_json_atomic(stage / "report.json", report)
+        partial.remove()
+        echo(format_summary(report, Path(opts.out)))
+        return report
+    finally:
+        dist.close()

@@ -1,0 +1,87 @@
+"""What the report says and how the terminal summary reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraq_export import __version__
+from loraq_export.fitting import LayerPlan
+from loraq_export.models import LoadedModel
+from loraq_export.recipes import Recipe
+
+
+def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
+    rows = []
+    for p in plans:
+        row = p.to_dict()
+        rec = records.get(p.name)
+        if rec is not None:
+            row.update(method=rec.method, rel_error=round(rec.stats["rel_error"], 6),
+                       seconds=round(rec.stats["seconds"], 3) if "seconds" in rec.stats else None,
+                       bits_per_weight=round(rec.bits_per_weight(), 4),
+                       branch=None if rec.branch is None else f"r{rec.branch.rank} {rec.branch.fmt.name}")
+        rows.append(row)
+    return rows
+
+
+def size_summary(loaded: LoadedModel, records: dict) -> dict:
+    """Bits per weight counting every stored bit of the quantized layers (codes, scales, zero
+    points, branch factors and their scales, smoothing vectors; biases excluded, kept in fp32)."""
+    q_params = sum(r.in_features * r.out_features for r in records.values())
+    q_bits = sum(r.stored_bits() for r in records.values())
+    all_params = sum(p.numel() for p in loaded.module.parameters())
+    rest = all_params - q_params  # everything kept in float32 (embeddings, norms, skipped layers, biases)
+    return {"quantized_weights": q_params, "quantized_bits_per_weight": round(q_bits / max(q_params, 1), 4),
+            "quantized_layers_bytes_fp32": q_params * 4, "quantized_layers_bytes": q_bits // 8,
+            "model_params": all_params, "model_bits_per_param": round((q_bits + rest * 32) / all_params, 4)}
+
+
+def summarize_errors(records: dict) -> dict:
+    errs = [r.stats["rel_error"] for r in records.values()]
+    return {"mean_rel_error": round(sum(errs) / len(errs), 6), "max_rel_error": round(max(errs), 6)} if errs else {}
+
+
+def build_report(loaded, recipe: Recipe, plans, records, times: dict, seed: int, stage: Path,
+                 validation=None, quality=None, sampling=None) -> dict:
+    sizes = size_summary(loaded, records)
+    for f in ("model.onnx", "model_fp.onnx", "model.safetensors"):
+        p = stage / f
+        if p.exists():
+            data = p.with_name(p.name + ".data")
+            sizes[f"{f}_bytes"] = p.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    source = {k: v for k, v in loaded.source.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    report = {"loraq_version": __version__, "model": {"name": loaded.name, "kind": loaded.kind, **source},
+              "recipe": recipe.to_dict(), "method": recipe.method, "seed": seed,
+              "summary": {"quantized_layers": sum(p.quantize for p in plans),
+                          "skipped_layers": sum(not p.quantize for p in plans), **summarize_errors(records)},
+              "sizes": sizes, "timings_s": {**times, "total": round(sum(times.values()), 3)},
+              "validation": validation, "quality": quality, "sampling": sampling,
+              "layers": layer_table(plans, records)}
+    if validation is not None:
+        report["onnx"] = {"opset": 21, "inputs": loaded.input_names, "outputs": loaded.output_names,
+                          "ort_accuracy_level_for_validation": 0}
+    return report
+
+
+def format_summary(report: dict, out: Path) -> str:
+    s, z, v, t = report["summary"], report["sizes"], report["validation"], report["timings_s"]
+    lines = [
+        f"loraq: {report['model']['name']} | recipe {report['recipe']['recipe']} | method {report['method']}",
+        f"  layers: {s['quantized_layers']} quantized, {s['skipped_layers']} kept in high precision (see report.json)",
+        f"  weight error (relative): mean {s.get('mean_rel_error', float('nan')):.4f}, max {s.get('max_rel_error', float('nan')):.4f}",
+        f"  size: {z['quantized_bits_per_weight']:.3f} bits/weight in quantized layers, "
+        f"{z['quantized_layers_bytes'] / 2**20:.2f} MiB vs {z['quantized_layers_bytes_fp32'] / 2**20:.2f} MiB fp32",
+    ]
+    if v is not None:
+        lines.append(f"  ONNX Runtime vs torch: layers agree to {v['worst_layer']['rel_l2']:.1e} (rel L2), "
+                     f"output to {v['end_to_end']['rel_l2']:.1e} (cosine {v['end_to_end']['cosine']:.6f})")
+    q = report.get("quality")
+    if q and "torch" in q:
+        lines.append(f"  quality: {q['metric']}: torch {q['torch']['mean']:.4f}"
+                     + (f", ONNX {q['onnx']['mean']:.4f}" if "onnx" in q else "") + f" over {q['sentences']} sentences")
+    sm = report.get("sampling")
+    if sm:
+        pairs = dict(sm["vs_fp"]) or {"ONNX vs torch (quantized)": sm["onnx_vs_torch_quantized"]}
+        lines.append(f"  {sm['steps']}-step {sm['scheduler']} sampling, latents vs FP: " + "; ".join(
+            f"{k} PSNR {m['psnr_db']:.1f} dB, cosine {m['cosine']:.4f}" for k, m in pairs.items()))
+    lines.append(f"  time: {t['total']:.1f} s (fit {t.get('fit', 0):.1f} s) -> {out}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Checkpoints: reload equals in-memory exactly; distributed equals single-process byte for byte;
+an interrupted run resumes without refitting finished layers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraq_export.checkpoint import load_checkpoint
+from loraq_export.fitting import fit_layers, plan_layers
+from loraq_export.models import load_model
+from loraq_export.pipeline import Options
+from loraq_export.quantize import run_quantize
+from loraq_export.recipes import load_recipe
+from loraq_export.swap import quantized
+
+PRESET = ["pixart-sigma", "--num-layers", "1"]
+
+
+def quantize(tmp_path, name, *extra, method="lqer", recipe="w4a8-g64-r16-w6a6"):
+    out = tmp_path / name
+    code = subprocess.run([sys.executable, "-m", "loraq_export.cli", "quantize", *PRESET, "--method", method,
+                           "--recipe", recipe, "--out", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert code.returncode == 0, code.stderr
+    return out
+
+
+@pytest.mark.parametrize("recipe,method", [("w4a8-g64-r16-w6a6", "lqer"), ("w4a4-g128-r8-w4a8", "svdquant"),
+                                           ("w4a16-g64-r16-fp16", "lqer"), ("w4a16-g64-asym", "rtn")])
+def test_reload_equals_in_memory_exactly(tmp_path, recipe, method):
+    loaded = load_model("pixart-sigma", num_layers=1)
+    r = load_recipe(recipe, method)
+    records = fit_layers(loaded, plan_layers(loaded, r), method, workers=1, progress=False)
+    out = tmp_path / "ckpt"
+    run_quantize(Options(model="pixart-sigma", num_layers=1, recipe=recipe, method=method, out=out, workers=1,
+                         progress=False), echo=lambda s: None)
+    reloaded, rec2, q = load_checkpoint(out)
+    assert q["quant_method"] == "loraq" and q["recipe"]["recipe"] == r.name
+    assert set(rec2) == set(records)
+    inputs = loaded.make_inputs(seed=5, batch=2)
+    with torch.no_grad(), quantized(loaded.module, records):
+        a = loaded.wrapper(*inputs)
+    with torch.no_grad(), quantized(reloaded.module, rec2):
+        b = reloaded.wrapper(*inputs)
+    assert torch.equal(a, b)
+
+
+def test_checkpoint_layout(tmp_path):
+    out = quantize(tmp_path, "ck")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["_class_name"] == "PixArtTransformer2DModel"
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "loraq" and q["version"] == 1 and q["recipe"]["recipe"] == "w4a8-g64-r16-w6a6"
+    assert "adaln_single.linear" in q["skipped"] and "proj_out" in q["skipped"]
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["quantization_config"]) == q
+        qw = f.get_tensor("transformer_blocks.0.attn1.to_q.qweight")
+    assert qw.dtype == torch.uint8 and qw.numel() == 1152 * 1152 // 2  # INT4 packed two per byte
+    assert "transformer_blocks.0.attn1.to_q.weight" not in keys
+    assert {"transformer_blocks.0.attn1.to_q.wscales", "transformer_blocks.0.attn1.to_q.proj_down.qweight",
+            "transformer_blocks.0.attn1.to_q.proj_up.qweight", "transformer_blocks.0.attn1.to_q.bias"} <= keys
+
+
+def test_distributed_two_gloo_ranks_is_byte_identical(tmp_path):
+    single = quantize(tmp_path, "single", "--workers", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
+                        "-m", "loraq_export.cli", "quantize", *PRESET, "--method", "lqer", "--recipe", "w4a8-g64-r16-w6a6",
+                        "--out", str(tmp_path / "dist"), "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert rep["distributed"]["world_size"] == 2
+    for f in ("model.safetensors", "config.json"):
+        assert (single / f).read_bytes() == (tmp_path / "dist" / f).read_bytes()
+
+
+def test_parallel_workers_are_byte_identical(tmp_path):
+    one = quantize(tmp_path, "one", "--workers", "1", method="loraq", recipe="w4a16-g64-r8-w8a8")
+    two = quantize(tmp_path, "two", "--workers", "2", method="loraq", recipe="w4a16-g64-r8-w8a8")
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+
+def test_resume_skips_finished_layers(tmp_path, monkeypatch):
+    import loraq_export.fitting as fitting
+    out = tmp_path / "ck"
+    opts = Options(model="pixart-sigma", num_layers=1, recipe="w4a16-g64-r8-w8a8", method="lqer", out=out,
+                   workers=1, progress=False)
+    real = fitting._fit_one
+    calls = []
+
+    def dying(name, *a):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the user's Ctrl-C after four layers
+        calls.append(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(fitting, "_fit_one", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(opts, echo=lambda s: None)
+    assert not out.exists()  # no half-written checkpoint
+    partial = tmp_path / ".ck.partial" / "layers"
+    assert len(list(partial.glob("*.safetensors"))) == 4
+    first = list(calls)
+    calls.clear()
+    monkeypatch.setattr(fitting, "_fit_one", lambda name, *a: (calls.append(name), real(name, *a))[1])
+    run_quantize(opts, echo=lambda s: None)
+    assert len(calls) == 6 and not set(calls) & set(first)  # 10 layers: only the 6 unfinished ones
+    assert not (tmp_path / ".ck.partial").exists()
+    fresh = tmp_path / "fresh"
+    run_quantize(Options(**{**opts.__dict__, "out": fresh}), echo=lambda s: None)
+    assert (fresh / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_resume_refuses_a_different_command(tmp_path):
+    from loraq_export.errors import UserError
+    (tmp_path / ".ck.partial").mkdir()
+    (tmp_path / ".ck.partial" / "run.json").write_text(json.dumps({"model": "other"}))
+    with pytest.raises(UserError, match="partial run of a different command"):
+        run_quantize(Options(model="pixart-sigma", num_layers=1, recipe="w4a16-g64", method="rtn",
+                             out=tmp_path / "ck", workers=1, progress=False), echo=lambda s: None)
