@@ -1,0 +1,247 @@
+"""TensorRT legalizer (docs/deploy.md): INT4 for weights only, symmetric, constant positive
+scales, per-tensor INT8 activations, block quantization for INT4 weights only, no Cast between a
+weight DQ and its GEMM.
+
+Refused unless ``allow_conversion`` (the user asked): 4-bit activations, and quantized activations
+feeding an INT4-weight GEMM (TensorRT runs INT4 weight-only). The conversion drops the activation
+quantizer in front of INT4-weight GEMMs (that GEMM becomes W4A16) and turns any other 4-bit
+activation quantizer into an INT8 one.
+Always done, and recorded in the report:
+- dynamic per-token INT8 activation Q/DQ -> static per-tensor Q/DQ, the scale from a short
+  data-free calibration: the graph run in ONNX Runtime on synthetic inputs defined from its input
+  specs (standard normal floats, zeros for integers), amax over all of them / qmax;
+- INT4 per-channel weights -> blocked (scales repeated, exact);
+- INT8 block-quantized weights (TensorRT blocks INT4 only) -> per-channel, requantized from the
+  dequantized values (the report gives the largest relative change);
+- a float32 Cast between a weight DQ and its GEMM is removed (a no-op on a float32 DQ).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from graphs.onnx_tensors import constant
+from graphs.passes.common import (INT4_TYPES, attr, const_array, detach, producer, quiet, replace_uses,
+                                  weight_dq, write_weight_dq)
+
+GEMMS = ("MatMul", "Gemm")
+ACT_SCALE_EPS = 1e-8
+CALIBRATION_BATCHES = 4
+DEFAULT_DIM = 64  # symbolic dims other than the first (batch = 1) in synthetic calibration inputs
+
+
+def _q_bits(q: gs.Node) -> int:
+    """Bits of an activation quantizer: from the qmax constant of its dynamic chain, else its type."""
+    s = producer(q.inputs[1])
+    div = producer(s.inputs[0]) if s is not None and s.op == "Max" else s
+    if div is not None and div.op == "Div" and isinstance(div.inputs[1], gs.Constant):
+        qmax = int(round(float(const_array(div.inputs[1]).reshape(-1)[0])))
+        return {7: 4, 31: 6, 127: 8}.get(qmax, 8)
+    dt = q.outputs[0].dtype or onnx.helper.tensor_dtype_to_np_dtype(attr(q, "output_dtype", TensorProto.INT8))
+    return 4 if np.dtype(dt) in INT4_TYPES else 8
+
+
+def _act_quantizers(graph: gs.Graph) -> list:
+    return [n for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs and not isinstance(n.inputs[0], gs.Constant)]
+
+
+def _int4_gemm_input(t) -> list:
+    """(GEMM node, input index) pairs where ``t`` reaches an INT4-weight GEMM's activation input,
+    directly or through a Concat."""
+    out = []
+    for u in t.outputs:
+        if u.op in GEMMS and u.inputs[0] is t:
+            w = weight_dq(u.inputs[1])
+            if w is not None and w.dtype in INT4_TYPES:
+                out.append((u, 0))
+        elif u.op == "Concat":
+            if _int4_gemm_input(u.outputs[0]):
+                out.append((u, list(u.inputs).index(t)))
+    return out
+
+
+def _dqs_of(q: gs.Node) -> list:
+    return [d for d in q.outputs[0].outputs if d.op == "DequantizeLinear"]
+
+
+def find_refusals(graph: gs.Graph) -> list:
+    """(node name, why) for what TensorRT cannot run without a conversion."""
+    out = []
+    for q in _act_quantizers(graph):
+        bits = _q_bits(q)
+        if bits == 4:
+            out.append((q.name, "4-bit activations"))
+        elif any(_int4_gemm_input(d.outputs[0]) for d in _dqs_of(q)):
+            out.append((q.name, f"{bits}-bit activations into an INT4-weight GEMM (INT4 is weight-only)"))
+    return out
+
+
+def convert_activations(graph: gs.Graph) -> list:
+    """Bypass activation quantizers in front of INT4-weight GEMMs; returns what changed."""
+    done = []
+    for q in _act_quantizers(graph):
+        x = q.inputs[0]
+        for d in _dqs_of(q):
+            for node, i in _int4_gemm_input(d.outputs[0]):
+                node.inputs[i] = x
+                done.append(f"{node.name}: activation quantizer {q.name} removed (INT4 weight-only GEMM)")
+    graph.cleanup()
+    return done
+
+
+def synthetic_inputs(model: onnx.ModelProto, n: int = CALIBRATION_BATCHES, seed: int = 0,
+                     dims: Optional[dict] = None) -> list:
+    """Calibration feeds defined from the graph's input specs: N(0, 1) floats, zeros otherwise;
+    symbolic dims from ``dims`` (by name), else 1 for the first dim and DEFAULT_DIM for others."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, 1 if j == 0 else DEFAULT_DIM)
+                 for j, d in enumerate(tt.shape.dim)]
+        specs.append((vi.name, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape))
+    feeds = []
+    for _ in range(n):
+        feeds.append({name: (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
+                             else np.zeros(shape, dt)) for name, dt, shape in specs})
+    return feeds
+
+
+def calibrate(model: onnx.ModelProto, tensors: list, feeds: list) -> dict:
+    """amax of each named tensor over all ``feeds`` (ONNX Runtime, CPU, reference accuracy)."""
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    amax = dict.fromkeys(tensors, 0.0)
+    for feed in feeds:
+        res = dict(zip(names, sess.run(None, feed)))
+        for t in tensors:
+            amax[t] = max(amax[t], float(np.abs(res[t]).max(initial=0.0)))
+    return amax
+
+
+def make_static(graph: gs.Graph, amax: dict) -> dict:
+    """Replace each dynamic activation quantizer by a static per-tensor INT8 one; returns scales."""
+    scales = {}
+    for q in _act_quantizers(graph):
+        if isinstance(q.inputs[1], gs.Constant) and not attr(q, "block_size", 0):
+            continue
+        if any(u.op != "DequantizeLinear" for u in q.outputs[0].outputs):
+            continue  # its integer output is read as such: left to check, which will name it
+        x, bits = q.inputs[0], (6 if _q_bits(q) == 6 else 8)  # 4-bit ones left here become INT8
+        qmax = 2 ** (bits - 1) - 1
+        scale = max(amax[x.name] / qmax, ACT_SCALE_EPS)
+        scales[x.name] = {"scale": scale, "amax": amax[x.name], "bits": bits}
+        base = f"{q.name}_static"
+        s = constant(f"{base}.scale", np.array(scale, np.float32))
+        src = x
+        if bits == 6:  # INT8 storage would saturate at +-127, not at the 6-bit range
+            src = gs.Variable(f"{base}/clip", dtype=np.float32)
+            lo, hi = constant(f"{base}.lo", np.array(-(qmax + 1) * scale, np.float32)), \
+                constant(f"{base}.hi", np.array(qmax * scale, np.float32))
+            graph.nodes.append(gs.Node("Clip", f"{base}/Clip", {}, [x, lo, hi], [src]))
+        qv = gs.Variable(f"{base}/q", dtype=np.int8)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", {"output_dtype": TensorProto.INT8},
+                                   [src, s], [qv]))
+        for d in _dqs_of(q):
+            out = d.outputs[0]
+            detach(d)
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", {}, [qv, s], [out]))
+        detach(q)
+    graph.cleanup()
+    return scales
+
+
+def fix_weights(graph: gs.Graph) -> list:
+    """INT4 per-channel -> blocked (exact); INT8 blocked -> per-channel (requantized); drop no-op
+    Casts between a weight DQ and its GEMM."""
+    done = []
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.inputs and isinstance(n.inputs[0], gs.Constant)]:
+        for cast in [u for u in dq.outputs[0].outputs if u.op == "Cast"]:
+            if cast.attrs.get("to") == TensorProto.FLOAT:
+                replace_uses(graph, cast.outputs[0], dq.outputs[0])
+                detach(cast)
+                done.append(f"{cast.name}: float32 Cast after weight DQ {dq.name} removed")
+        w = weight_dq(dq.outputs[0])
+        if w is None or w.zero_point is not None:
+            continue
+        base = f"{w.name[:-2] if w.name.endswith('_q') else w.name}_trt"
+        if w.dtype in INT4_TYPES and w.per_channel:
+            b = next((b for b in (128, 64, 32, 16) if w.k % b == 0), w.k)
+            scale, _ = w.block_scale(b)
+            new = write_weight_dq(graph, base, w.codes, scale, None, b, blocked=True)
+            done.append(f"{dq.name}: INT4 per-channel weight written blocked (block {b}, exact)")
+        elif w.dtype == np.int8 and not w.per_channel:
+            deq = w.codes.astype(np.float32) * np.repeat(w.scale, w.block, axis=0)[: w.k]
+            qmax = max(int(np.abs(w.codes).max()), 1)  # keeps a 6-bit range [-32, 31] as it was
+            scale = np.maximum(np.abs(deq).max(axis=0, keepdims=True) / qmax, 1e-12).astype(np.float32)
+            codes = np.clip(np.round(deq / scale), -qmax - 1, qmax).astype(np.int8)
+            change = float(np.abs(codes * scale - deq).max() / max(np.abs(deq).max(), 1e-30))
+            new = write_weight_dq(graph, base, codes, scale, None, w.k)
+            done.append(f"{dq.name}: INT8 blocked weight requantized per channel (max change {change:.2e} of max |w|)")
+        else:
+            continue
+        replace_uses(graph, dq.outputs[0], new)
+        detach(dq)
+    graph.cleanup()
+    return done
+
+
+def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: Optional[dict] = None,
+             calibration: Optional[list] = None, **_) -> onnx.ModelProto:
+    from graphs.check import check_model
+    from graphs.passes import apply_passes, to_model
+    from graphs.targets import ALTERNATIVES, TargetError
+    rep = {"target": "tensorrt", "conversions": [], "rewrites": []}
+    with quiet():
+        graph = gs.import_onnx(apply_passes(model, ["cleanup"]))
+    refusals = find_refusals(graph)
+    if refusals and not allow_conversion:
+        layers = sorted({n.split("/")[0] for n, _ in refusals})
+        why = sorted({w for _, w in refusals})
+        raise TargetError(f"recipe not deployable on TensorRT as is: {'; '.join(why)} at {len(refusals)} quantizer(s) "
+                          f"(layers {', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); {ALTERNATIVES['tensorrt']}")
+    if refusals:
+        rep["conversions"] += convert_activations(graph)
+    rep["rewrites"] += fix_weights(graph)
+    dynamic = [q for q in _act_quantizers(graph) if not isinstance(q.inputs[1], gs.Constant) or attr(q, "block_size", 0)]
+    if dynamic:
+        staged = to_model(graph, model)
+        feeds = calibration if calibration is not None else synthetic_inputs(staged)
+        amax = calibrate(staged, sorted({q.inputs[0].name for q in dynamic}), feeds)
+        with quiet():
+            graph = gs.import_onnx(staged)
+        scales = make_static(graph, amax)
+        rep["calibration"] = {"source": "given inputs" if calibration is not None else "synthetic N(0,1) inputs",
+                              "batches": len(feeds),
+                              "inputs": {k: list(v.shape) for k, v in feeds[0].items()} if feeds else {},
+                              "scales": scales}
+    out = apply_passes(to_model(graph, model), ["cleanup"])
+    violations = check_model(out, "tensorrt")
+    rep["violations"] = [v.to_dict() for v in violations]
+    if report is not None:
+        report.update(rep)
+    if violations:
+        v = violations[0]
+        raise TargetError(f"not deployable on TensorRT: {len(violations)} violation(s), first {v.node}: [{v.rule}] "
+                          f"{v.message}; {ALTERNATIVES['tensorrt']}")
+    return out
+
+
+__all__ = ["calibrate", "legalize", "synthetic_inputs"]
