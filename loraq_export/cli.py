@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ex)
     ex.add_argument("--fp-onnx", action="store_true", help="also write the unquantized graph as model_fp.onnx")
     ex.add_argument("--no-quality", action="store_true", help="skip the end-to-end quality evaluation")
+    ex.add_argument("--target", choices=["ort", "tensorrt"], default="ort",
+                    help="legalize the graph for ONNX Runtime (default) or TensorRT")
+    ex.add_argument("--no-fuse", action="store_true", help="keep the low-rank branch unfused (for comparison, debugging)")
+    ex.add_argument("--convert", action="store_true",
+                    help="tensorrt: convert what TensorRT cannot run (4-bit activations become INT8) instead of refusing")
     ex.set_defaults(func=cmd_export)
+    ck = sub.add_parser("check", help="check an ONNX file against a target's rules; exit 0 if it passes, 1 if not")
+    ck.add_argument("onnx_file", type=Path)
+    ck.add_argument("--target", choices=["ort", "tensorrt"], default="ort")
+    ck.set_defaults(func=cmd_check)
     qu = sub.add_parser("quantize", help="fit the quantized layers and write a checkpoint (resumable; "
                                          "shardable with torchrun --nproc-per-node N -m loraq_export.cli quantize ...)")
     _add_common(qu)
@@ -52,13 +61,21 @@ def _options(args, default_out: str):
     return Options(model=args.model, recipe=args.recipe, method=args.method, out=args.out or Path(default_out),
                    overwrite=args.overwrite, fp_onnx=getattr(args, "fp_onnx", False), num_layers=args.num_layers,
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
-                   quality=not getattr(args, "no_quality", False))
+                   quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
+                   fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False))
 
 
 def cmd_export(args) -> int:
     from loraq_export.pipeline import run_export
     run_export(_options(args, "loraq-out"))
     return 0
+
+
+def cmd_check(args) -> int:
+    from graphs.check import check_main
+    from loraq_export.onnx_files import load_onnx_for_check
+    load_onnx_for_check(args.onnx_file)  # bad files end as one clear line
+    return check_main(str(args.onnx_file), args.target)
 
 
 def cmd_quantize(args) -> int:

@@ -33,6 +33,9 @@ class Options:
     workers: Optional[int] = None
     progress: bool = True
     quality: bool = True
+    target: str = "ort"
+    fuse: bool = True
+    convert: bool = False  # let the target legalizer convert what it cannot express (tensorrt: 4-bit activations)
 
 
 @dataclass
@@ -56,19 +59,74 @@ def validation_batches(loaded: LoadedModel, seed: int) -> list[tuple]:
     return [loaded.make_inputs(seed=seed + 101, batch=3), loaded.make_inputs(seed=seed + 202, batch=1)]
 
 
+CALIBRATION_BATCHES = 4
+
+
 def export_quantized(loaded: LoadedModel, records: dict, stage: Path, opts: Options, timer: Timer,
-                     fp_inputs_outputs) -> tuple[dict, object]:
-    """Swap in the records, write model.onnx into ``stage``, validate it; returns (validation, session)."""
+                     fp_inputs_outputs) -> tuple[dict, dict, object]:
+    """Swap-in state: export, validate, run the graph passes, legalize for the target, write
+    model.onnx into ``stage``. Returns (validation, graph report, ORT session of model.onnx).
+
+    Validation is strict, layer by layer, on the graph as written (every layer's QDQ subgraph
+    is still intact and named there). The passes and the ONNX Runtime legalizer are exact up to
+    float summation order (each is tested on its own); the final graph is compared with the
+    validated one end to end, bounded like the end-to-end check. A TensorRT graph replaces
+    dynamic activation scales by static ones from a data-free calibration, which changes the
+    numerics by design: that difference is measured and reported, not bounded.
+    """
+    from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, apply_passes
+    from graphs.targets import TargetError, legalize
+    from loraq_export.validate import ValidationError, agreement
     batches, fp_outputs = fp_inputs_outputs
     example = loaded.make_inputs(seed=opts.seed, batch=2)
+    passes = DEFAULT_PASSES if opts.fuse else NO_FUSE_PASSES
+    graph_report = {"target": opts.target, "passes": list(passes)}
     with timer("export"):
-        graph, io = export_graph(loaded, example)
-        save_onnx(graph, stage / "model.onnx")
+        written, io = export_graph(loaded, example)
     with timer("validate"):
         fns = {m.layer_name: m.reference for m in loaded.module.modules() if isinstance(m, QuantLinear)}
-        validation = validate_onnx(graph, io, fns, loaded.wrapper, loaded.input_names, batches, fp_outputs)
-        session = ort_session(str(stage / "model.onnx"))
-    return validation, session
+        validation = validate_onnx(written, io, fns, loaded.wrapper, loaded.input_names, batches, fp_outputs)
+    with timer("passes"):
+        fused = apply_passes(written, passes)
+        if opts.target == "ort":
+            ort_report: dict = {}
+            final = legalize(fused, "ort", report=ort_report)
+            graph_report["ort"] = ort_report
+        else:
+            feeds = [dict(zip(loaded.input_names, (t.numpy() for t in loaded.make_inputs(seed=opts.seed + 500 + i, batch=2))))
+                     for i in range(CALIBRATION_BATCHES)]
+            trt_report: dict = {}
+            try:
+                final = legalize(fused, "tensorrt", allow_conversion=opts.convert, report=trt_report, calibration=feeds)
+            except TargetError as e:
+                raise UserError(str(e)) from None
+            if trt_report.get("calibration"):
+                trt_report["calibration"]["source"] = "the model's own example inputs (make_inputs), no dataset"
+            graph_report["tensorrt"] = trt_report
+    with timer("validate"):
+        ref_s, fin_s = ort_session(written), ort_session(final)
+        diffs = [agreement(ref_s.run(None, f)[0], fin_s.run(None, f)[0])
+                 for f in ({n: t.numpy() for n, t in zip(loaded.input_names, b)} for b in batches)]
+        worst = max(diffs, key=lambda a: a["rel_l2"])
+        bound = validation["end_to_end"]["bound"]
+        graph_report["final_vs_validated_graph"] = {**worst, "bound": None if opts.target == "tensorrt" else bound}
+        if opts.target != "tensorrt" and bound is not None and not worst["rel_l2"] <= bound:
+            raise ValidationError(f"the fused graph disagrees with the validated one: relative L2 {worst['rel_l2']:.3g} > "
+                                  f"{bound:.3g}; re-run with --no-fuse and please report it")
+    with timer("export"):
+        save_onnx(final, stage / "model.onnx")
+    session = ort_session(str(stage / "model.onnx"))
+    return validation, graph_report, session
+
+
+def refuse_undeployable(recipe: Recipe, opts: Options) -> None:
+    """Before minutes of fitting: TensorRT has no 4-bit activations (INT4 is weight-only)."""
+    if opts.target != "tensorrt" or opts.convert:
+        return
+    from graphs.targets import ALTERNATIVES
+    layers = [recipe.layer] + [lr for _, lr in recipe.overrides]
+    if any(lr.main.act.bits == 4 or (lr.branch is not None and lr.branch.act.bits == 4) for lr in layers):
+        raise UserError(f"recipe {recipe.name} has 4-bit activations, which TensorRT cannot run; {ALTERNATIVES['tensorrt']}")
 
 
 def _load_source(opts: Options, timer: Timer):
@@ -83,12 +141,14 @@ def _load_source(opts: Options, timer: Timer):
         with timer("load"):
             loaded, records, q = load_checkpoint(Path(opts.model))
         recipe = recipe_from_json(q["recipe"])
+        refuse_undeployable(recipe, opts)
         fp = _fp_original(q, opts.seed if "seed" not in q else q["seed"])
         plans = [LayerPlan(n, r.in_features, r.out_features, True, "quantized in the checkpoint") for n, r in records.items()]
         plans += [LayerPlan(n, m.in_features, m.out_features, False, (q.get("skipped") or {}).get(n, "not quantized in the checkpoint"))
                   for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
         return loaded, recipe, plans, records, fp
     recipe = load_recipe(opts.recipe, opts.method)  # cheap checks first: refuse before loading
+    refuse_undeployable(recipe, opts)
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
@@ -131,7 +191,7 @@ def run_export(opts: Options, echo=print) -> dict:
                                      progress=opts.progress)
         sampling = None
         with quantized(loaded.module, records):
-            validation, session = export_quantized(loaded, records, stage, opts, timer, (batches, fp_outputs))
+            validation, graph_report, session = export_quantized(loaded, records, stage, opts, timer, (batches, fp_outputs))
             with timer("quality"):
                 quality = _quality(loaded, fp_quality, session) if opts.quality else None
                 if diffusion:
@@ -140,6 +200,7 @@ def run_export(opts: Options, echo=print) -> dict:
                     q_onnx = sample_latents(loaded, onnx_denoiser(session, loaded.input_names), opts.seed)
                     sampling = sampling_report(fp_latents, q_torch, q_onnx, loaded.kind)
         report = build_report(loaded, recipe, plans, records, timer.times, opts.seed, stage, validation, quality, sampling)
+        report["graph"] = graph_report
         write_json_atomic(stage / "report.json", report)
     echo(format_summary(report, opts.out))
     return report

@@ -72,8 +72,18 @@ def format_summary(report: dict, out: Path) -> str:
         f"{z['quantized_layers_bytes'] / 2**20:.2f} MiB vs {z['quantized_layers_bytes_fp32'] / 2**20:.2f} MiB fp32",
     ]
     if v is not None:
-        lines.append(f"  ONNX Runtime vs torch: layers agree to {v['worst_layer']['rel_l2']:.1e} (rel L2), "
+        lines.append(f"  ONNX Runtime vs torch: layers agree to {v['worst_layer']['rel_l2']:.1e} (rel L2; "
+                     f"{v['worst_layer']['disagreeing']:.2%} of elements off), "
                      f"output to {v['end_to_end']['rel_l2']:.1e} (cosine {v['end_to_end']['cosine']:.6f})")
+    g = report.get("graph")
+    if g:
+        fv = g["final_vs_validated_graph"]
+        line = (f"  graph: {'fused' if len(g['passes']) > 1 else 'unfused'}, legalized for {g['target']}; "
+                f"final vs validated graph rel L2 {fv['rel_l2']:.1e}")
+        cal = (g.get("tensorrt") or {}).get("calibration")
+        if cal:
+            line += f" (static INT8 activation scales from {cal['batches']} synthetic calibration batches)"
+        lines.append(line)
     q = report.get("quality")
     if q and "torch" in q:
         lines.append(f"  quality: {q['metric']}: torch {q['torch']['mean']:.4f}"

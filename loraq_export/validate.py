@@ -18,7 +18,16 @@ import torch
 
 from loraq_export.errors import UserError
 
-LAYER_TOLERANCE = 1e-3  # relative L2, per layer
+# A layer passes when its output agrees to LAYER_TOLERANCE relative L2 (float summation order:
+# typically 1e-7..1e-5), or when the disagreement is confined to a few elements, each off by
+# more than ELEMENT_TOLERANCE of the output's RMS: float order can move an in-layer activation
+# (the branch's x A) across a rounding boundary, and that element is then one quantization step
+# off (seen on MiniLM: one element, 4e-4 relative L2 for the layer). A wrong scale, layout or
+# format corrupts most of a layer's outputs and fails both.
+LAYER_TOLERANCE = 1e-3
+ELEMENT_TOLERANCE = 1e-4
+MAX_DISAGREEING_FRACTION = 1e-3
+FLIP_TOLERANCE = 1e-2  # relative L2 allowed when the disagreement is confined to a few elements
 # End to end: ONNX Runtime may be no further from torch than torch is from the FP model.
 END_TO_END_FRACTION = 1.0
 
@@ -73,7 +82,7 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
     names = [t for io in layer_io.values() for t in io]
     session = ort_session(with_outputs(model, names))
     out_names = [o.name for o in session.get_outputs()]
-    worst_layer = {"layer": None, "rel_l2": 0.0, "max_abs": 0.0}
+    per_layer = []
     e2e = []
     for i, inputs in enumerate(batches):
         results = dict(zip(out_names, session.run(None, {n: t.numpy() for n, t in zip(input_names, inputs)})))
@@ -81,8 +90,11 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
             with torch.no_grad():
                 ref = layer_fns[layer](torch.from_numpy(results[x_name])).numpy()
             a = agreement(ref, results[y_name])
-            if not np.isfinite(a["rel_l2"]) or a["rel_l2"] > worst_layer["rel_l2"]:
-                worst_layer = {"layer": layer, "rel_l2": a["rel_l2"], "max_abs": a["max_abs"]}
+            rms = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64)))) if ref.size else 0.0
+            a["disagreeing"] = float(np.mean(np.abs(results[y_name] - ref) > ELEMENT_TOLERANCE * rms + 1e-7)) if ref.size else 0.0
+            a["passed"] = bool(a["rel_l2"] <= layer_tolerance or
+                               (a["rel_l2"] <= FLIP_TOLERANCE and a["disagreeing"] <= MAX_DISAGREEING_FRACTION))
+            per_layer.append({"layer": layer, **{k: a[k] for k in ("rel_l2", "max_abs", "disagreeing", "passed")}})
         with torch.no_grad():
             ref = wrapper(*inputs).float().numpy()
         out = results[out_names[0]]
@@ -91,18 +103,23 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
         a = agreement(ref, out)
         a["quant_rel_l2"] = agreement(fp_outputs[i], ref)["rel_l2"] if fp_outputs is not None else None
         e2e.append(a)
-    if not worst_layer["rel_l2"] <= layer_tolerance:
-        raise ValidationError(f"ONNX Runtime disagrees with torch on layer {worst_layer['layer']}: relative L2 "
-                              f"{worst_layer['rel_l2']:.3g} > {layer_tolerance:g}; the exported graph is wrong, "
+    failing = [a for a in per_layer if not a["passed"]]
+    worst_layer = max(failing or per_layer, key=lambda a: a["rel_l2"] if np.isfinite(a["rel_l2"]) else np.inf)
+    if not worst_layer["passed"]:
+        raise ValidationError(f"ONNX Runtime disagrees with torch on layer {worst_layer['layer']}: "
+                              f"{worst_layer['disagreeing']:.2%} of outputs differ, relative L2 {worst_layer['rel_l2']:.3g}; "
+                              "the exported graph is wrong, "
                               "please report it with the recipe used")
     worst = max(e2e, key=lambda a: a["rel_l2"])
     q = worst["quant_rel_l2"]
     # without the FP outputs there is no scale for the end-to-end figure: it is reported only
-    bound = None if q is None else max(LAYER_TOLERANCE, END_TO_END_FRACTION * min(a["quant_rel_l2"] for a in e2e))
+    bound = None if q is None else max(1e-3, END_TO_END_FRACTION * min(a["quant_rel_l2"] for a in e2e))
     if bound is not None and not worst["rel_l2"] <= bound:
         raise ValidationError(f"ONNX Runtime output disagrees with torch end to end: relative L2 {worst['rel_l2']:.3g} "
                               f"> {bound:.3g} (layers agree to {worst_layer['rel_l2']:.2g}); please report it with the recipe used")
     return {"layers": len(layer_io), "worst_layer": worst_layer, "layer_tolerance": layer_tolerance,
+            "element_tolerance": ELEMENT_TOLERANCE, "max_disagreeing_fraction": MAX_DISAGREEING_FRACTION,
+            "flip_tolerance": FLIP_TOLERANCE,
             "end_to_end": {"rel_l2": worst["rel_l2"], "max_abs": worst["max_abs"], "cosine": worst["cosine"],
                            "bound": bound, "quant_rel_l2_vs_fp": q},
             "batches": len(batches), "passed": True}

@@ -64,3 +64,39 @@ def test_existing_output_dir_is_refused(tmp_path, capsys):
     assert main(["export", "--out", str(out), "--method", "rtn"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_export_targets_and_check(tmp_path, capsys):
+    """--target tensorrt legalizes (static INT8 scales from a data-free calibration) and `check`
+    passes it; `check` fails the ort-legal unfused graph for tensorrt; --no-fuse keeps the branch apart."""
+    trt, unfused = tmp_path / "trt", tmp_path / "unfused"
+    assert main(["export", "--recipe", "w4a16-g64-r8-w8a8", "--method", "lqer", "--target", "tensorrt",
+                 "--out", str(trt), "--no-progress", "--no-quality"]) == 0
+    rep = json.loads((trt / "report.json").read_text())
+    cal = rep["graph"]["tensorrt"]["calibration"]
+    assert cal["batches"] >= 2 and cal["scales"] and "no dataset" in cal["source"]
+    assert rep["graph"]["tensorrt"]["violations"] == []
+    assert main(["check", str(trt / "model.onnx"), "--target", "tensorrt"]) == 0
+    assert main(["export", "--recipe", "w4a16-g64-r8-w8a8", "--method", "lqer", "--no-fuse",
+                 "--out", str(unfused), "--no-progress", "--no-quality"]) == 0
+    assert json.loads((unfused / "report.json").read_text())["graph"]["passes"] == ["cleanup"]
+    capsys.readouterr()
+    assert main(["check", str(unfused / "model.onnx"), "--target", "tensorrt"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "trt-" in out  # each violation names its rule and node
+
+
+def test_tensorrt_refuses_4bit_activations_before_fitting(tmp_path, capsys):
+    code = main(["export", "--recipe", "w4a4-g64-r32-w8a8", "--target", "tensorrt", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "w4a16-g64-r32-w8a8" in err and "--convert" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx file at all", None])
+def test_check_bad_files(tmp_path, capsys, content):
+    p = tmp_path / "m.onnx"
+    if content is not None:
+        p.write_bytes(content)
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("loraq: error:")

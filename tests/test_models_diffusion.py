@@ -19,6 +19,8 @@ from loraq_export.models.diffusion import (
     tiny_config,
 )
 
+from loraq_export.validate import ort_session  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 # Key published values: (class, layers, heads, head dim, hidden, caption_channels, in, out, patch, sample)
@@ -31,19 +33,8 @@ SANA_CROSS = {"sana-600m": (16, 72, 1152), "sana-1.6b": (20, 112, 2240)}
 TINY = ["pixart-sigma", "sana-600m"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: extra intra-op threads only spin (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _session(ort, path):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort_session(str(path), threads=1)  # one thread: tiny models on a shared 2-core box
 
 
 def tiny(name, seed=0, **over):

@@ -16,23 +16,14 @@ from loraq_export.sampling import (
     torch_denoiser,
 )
 
+from loraq_export.validate import ort_session  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 CASES = [("pixart-sigma", "pixart"), ("sana-600m", "sana"), ("sana-600m", "sana-dpm")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: extra intra-op threads only spin (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _session(ort, path):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort_session(str(path), threads=1)  # one thread: tiny models on a shared 2-core box
 
 
 def _tiny(name, seed=0):
