@@ -40,14 +40,24 @@ def choose_qparams(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, Op
     check_blockable(k, fmt)
     b = _blocks(w, fmt.block_size(k))
     if fmt.symmetric:
-        scale = b.abs().amax(dim=1) / fmt.qmax
+        scale = _finite_steps(b.abs().amax(dim=1) / fmt.qmax, fmt.qmax)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     lo = b.amin(dim=1).clamp(max=0)
     hi = b.amax(dim=1).clamp(min=0)
-    scale = (hi - lo) / fmt.qmax
+    scale = _finite_steps((hi - lo) / fmt.qmax, fmt.qmax)
+    scale = torch.where(torch.isfinite(scale), scale, hi / fmt.qmax - lo / fmt.qmax)  # hi - lo overflowed
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-lo / scale).clamp(0, fmt.qmax).detach()
     return scale, zero_point
+
+
+def _finite_steps(scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Scales at float32's edges: a range reaching its max would dequantize qmax * scale to inf
+    (shrink those by 2^-20, relative); a subnormal scale loses the precision that keeps every code
+    within half a step (raise it to the smallest normal). Any other scale is left bit for bit."""
+    scale = torch.where(torch.isinf(scale * qmax), scale * (1 - 2.0 ** -20), scale)
+    tiny = torch.finfo(scale.dtype).tiny
+    return torch.where((scale > 0) & (scale < tiny), torch.full_like(scale, tiny), scale)
 
 
 def _expand(p: torch.Tensor, k: int) -> torch.Tensor:

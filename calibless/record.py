@@ -149,4 +149,5 @@ class QuantizedLinear:
 
 def relative_error(w: torch.Tensor, q: QuantizedLinear) -> float:
     """||W - W_eff||_F / ||W||_F with W in (in, out) layout."""
-    return float(torch.linalg.norm(w - q.effective_weight()) / torch.linalg.norm(w).clamp_min(1e-30))
+    w = w.double()  # float32 norms over- or underflow for weights near 1e+-20
+    return float(torch.linalg.norm(w - q.effective_weight().double()) / torch.linalg.norm(w).clamp_min(1e-300))

@@ -162,12 +162,34 @@ def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
 
 def is_checkpoint(path: Path) -> bool:
     p = Path(path)
-    if not (p / CONFIG).is_file():
-        return False
     try:
-        return "quantization_config" in json.loads((p / CONFIG).read_text())
-    except (OSError, ValueError):
+        return (p / CONFIG).is_file() and "quantization_config" in json.loads((p / CONFIG).read_text())
+    except (OSError, ValueError, TypeError):  # unreadable: the model loader says why
         return False
+
+
+def weights_quantization_config(path: Path) -> Optional[str]:
+    """The quantization_config JSON that a checkpoint's model.safetensors carries (None if none)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(Path(path) / WEIGHTS), "pt") as f:
+            return (f.metadata() or {}).get("quantization_config")
+    except Exception:  # absent, unreadable or damaged: not recognizably a checkpoint
+        return None
+
+
+def refuse_checkpoint_as_model(path: Path) -> None:
+    """A loraq checkpoint where an FP model is expected (``loraq quantize CKPT``, or a checkpoint
+    whose config.json lost its quantization_config) is refused rather than loaded wrongly."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    if is_checkpoint(p):
+        raise UserError(f"{p} is a loraq checkpoint (already quantized), not an FP model; quantize the original "
+                        f"model, or export the checkpoint with 'loraq export {p}'")
+    if weights_quantization_config(p) is not None:
+        raise UserError(f"checkpoint {p}: {CONFIG} has no quantization_config, but {WEIGHTS} is a loraq checkpoint; "
+                        f"restore {CONFIG} from the original checkpoint or re-run loraq quantize")
 
 
 def read_quantization_config(path: Path) -> tuple[dict, dict]:
@@ -219,6 +241,8 @@ def load_checkpoint(path: Path):
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{weights} is corrupted or truncated ({str(e).splitlines()[0]}); re-run loraq quantize") from None
+    from loraq_export.inputs import check_finite
+    check_finite(sorted(tensors.items()), f"checkpoint {path}", "the checkpoint is damaged, re-run loraq quantize")
     module = _build_module(config, path).float().eval()
     records, replaced = {}, set()
     try:
@@ -233,9 +257,17 @@ def load_checkpoint(path: Path):
     if missing:
         raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {missing[0]}); "
                         "the checkpoint does not match its config, re-run loraq quantize")
-    module.load_state_dict(own, strict=False)
+    try:
+        module.load_state_dict(own, strict=False)
+    except RuntimeError as e:  # a tensor whose shape the config does not give
+        raise UserError(f"checkpoint {path}: its tensors do not fit the model its config describes "
+                        f"({' '.join(str(e).split())[:300]}); re-run loraq quantize") from None
     for name, rec in records.items():
-        lin = module.get_submodule(name)
+        try:
+            lin = module.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"checkpoint {path}: quantization_config names layer {name}, which the model has not; "
+                            "the checkpoint does not match its config, re-run loraq quantize") from None
         if (lin.in_features, lin.out_features) != (rec.in_features, rec.out_features):
             raise UserError(f"checkpoint {path}: layer {name} is {lin.in_features}x{lin.out_features} in the model "
                             f"but {rec.in_features}x{rec.out_features} in the checkpoint; re-run loraq quantize")
@@ -249,3 +281,12 @@ def _wrap(module, path: Path, config: dict):
         return make_diffusion_model(module, path.name, {"checkpoint": str(path)})
     from loraq_export.models.minilm import wrap_bert
     return wrap_bert(module, path, path.name)
+
+
+def load_quantized_model(path):
+    """The quantized torch model of a checkpoint, ready to run: its Linear layers are replaced
+    by QuantLinear modules computing exactly what the exported ONNX computes."""
+    from loraq_export.swap import swap_in
+    loaded, records, _ = load_checkpoint(Path(path))
+    swap_in(loaded.module, records)
+    return loaded.module

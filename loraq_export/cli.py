@@ -94,7 +94,12 @@ def main(argv=None) -> int:
         print(f"loraq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("loraq: interrupted; no partial output was left behind", file=sys.stderr)
+        command = getattr(locals().get("args"), "command", None)
+        if command == "quantize":
+            print("loraq: interrupted; the output was not written, finished layers are kept: "
+                  "re-run the same command to resume", file=sys.stderr)
+        else:
+            print("loraq: interrupted; no output was written", file=sys.stderr)
         return 130
 
 

@@ -41,6 +41,10 @@ class LayerPlan:
 
 def plan_layers(loaded: LoadedModel, recipe: Recipe) -> list[LayerPlan]:
     """Every Linear of the model with the decision and its reason; checks the recipe fits."""
+    from loraq_export.inputs import check_finite
+    # the whole model, not only the layers to quantize: one NaN anywhere makes every output NaN
+    check_finite(loaded.module.state_dict().items(), f"model {loaded.name}",
+                 "the model file is damaged, re-export or re-download it")
     plans = []
     for name, mod in loaded.module.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -60,8 +64,6 @@ def plan_layers(loaded: LoadedModel, recipe: Recipe) -> list[LayerPlan]:
             if spec.rank > min(k, n):
                 raise UserError(f"rank {spec.rank} is larger than min(in, out) = {min(k, n)} of layer {name}; "
                                 "lower the rank or exclude the layer")
-        if quantize and not torch.isfinite(mod.weight).all():
-            raise UserError(f"layer {name} has NaN or Inf weights; the model file is damaged, re-export or re-download it")
         plans.append(LayerPlan(name, k, n, quantize, reason, spec))
     if not any(p.quantize for p in plans):
         raise UserError(f"no Linear layer of {loaded.name} is selected for quantization; check the recipe's include/exclude patterns")

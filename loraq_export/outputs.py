@@ -6,9 +6,13 @@ when complete, so an interrupted or failed run leaves either the old state or no
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,12 +72,53 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot write to {parent}; choose another --out")
 
 
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> None:
+    """Remove what a run killed outright (SIGKILL, power loss) left beside ``out``: staging and
+    swapped-out directories tagged with this host and a process id that no longer runs."""
+    out = Path(out)
+    host = re.escape(socket.gethostname())
+    tag = re.compile(rf"^\.{re.escape(out.name)}\.(?:staging|old)-{host}-(\d+)(?:-.*)?$")
+    parent = out.resolve().parent
+    for p in parent.glob(f".{glob.escape(out.name)}.*-*"):
+        m = tag.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 @contextmanager
 def staged_dir(out: Path, overwrite: bool = False):
-    """Yield a staging directory; on success it replaces ``out``, on failure it is removed."""
+    """Yield a staging directory; on success it replaces ``out``, on failure it is removed.
+    Replacing an existing ``out`` is one atomic exchange where the OS offers it: a kill at any
+    moment leaves the old directory or the new one at ``out``, never neither."""
     out = Path(out)
     check_output_dir(out, overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.resolve().parent))
+    remove_stale(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{_owner_tag()}-", dir=out.resolve().parent))
     try:
         yield stage
     except BaseException:
@@ -81,9 +126,12 @@ def staged_dir(out: Path, overwrite: bool = False):
         raise
     for p in [stage, *stage.rglob("*")]:
         _publish_permissions(p)
+    if out.exists() and _exchange(stage, out):
+        shutil.rmtree(stage, ignore_errors=True)  # it now holds the old output
+        return
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{_owner_tag()}")
         os.replace(out, old)
     os.replace(stage, out)
     if old is not None:

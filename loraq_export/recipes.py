@@ -151,7 +151,7 @@ def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}")
     if "recipe" not in d:
-        raise UserError(f"{where}: missing 'recipe' (the string form, {EXAMPLE})")
+        raise UserError(f"{where}: missing 'recipe'; add it (the string form, {EXAMPLE})")
     options = d.get("options") or {}
     if not isinstance(options, dict):
         raise UserError(f"{where}: 'options' must be a mapping")
@@ -181,7 +181,7 @@ def load_recipe(text: Optional[str] = None, method: Optional[str] = None) -> Rec
                 d = yaml.safe_load(raw)
         except Exception as e:  # the parsers' own messages say where the syntax broke
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"recipe file {text} is not valid {p.suffix[1:].upper()}: {first}") from None
+            raise UserError(f"recipe file {text} is not valid {p.suffix[1:].upper()}: {first}; fix its syntax") from None
         return recipe_from_dict(d, where=f"recipe file {text}").with_method(method)
     return Recipe(parse_layer_recipe(text), source=text).with_method(method)
 

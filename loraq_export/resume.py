@@ -65,6 +65,8 @@ class PartialRun:
 
     def start(self) -> None:
         (self.dir / "layers").mkdir(parents=True, exist_ok=True)
+        for tmp in [*self.dir.glob(".*.tmp"), *(self.dir / "layers").glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)  # cut short by a kill; nothing writes while a run starts
         write_bytes_atomic(self.dir / "run.json", json.dumps(self.identity, sort_keys=True).encode())
 
     def save(self, name: str, rec: QuantizedLinear) -> None:

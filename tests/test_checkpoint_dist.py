@@ -47,6 +47,12 @@ def test_reload_equals_in_memory_exactly(tmp_path, recipe, method):
     with torch.no_grad(), quantized(reloaded.module, rec2):
         b = reloaded.wrapper(*inputs)
     assert torch.equal(a, b)
+    from loraq_export import load_quantized_model
+    module = load_quantized_model(out)  # the public loader a user calls
+    from loraq_export.models.diffusion import make_diffusion_model
+    with torch.no_grad():
+        c = make_diffusion_model(module, "x").wrapper(*inputs)
+    assert torch.equal(a, c)
 
 
 def test_checkpoint_layout(tmp_path):

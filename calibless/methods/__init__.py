@@ -3,6 +3,7 @@ where ``w`` is the float weight in (in, out) layout. Adding a method is one new 
 that calls ``register_method``, plus its import below."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Optional
 
@@ -42,10 +43,17 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, act_stats: Optional[t
     if r > min(w.shape):
         raise ValueError(f"rank {r} is larger than min(in, out) = {min(w.shape)}")
     t0 = time.perf_counter()
-    with torch.no_grad():
-        q = fn(w, spec, act_stats=act_stats, seed=seed)
+    try:
+        with torch.no_grad():
+            q = fn(w, spec, act_stats=act_stats, seed=seed)
+    except torch.linalg.LinAlgError as e:  # e.g. an SVD overflowing float32 on huge weights
+        raise ValueError(f"method {method!r} failed on this layer ({str(e).splitlines()[0]}), max |w| = "
+                         f"{float(w.abs().max()):.3g}; check the weights or use --method rtn") from None
     q.method = method
     q.stats.update(seconds=time.perf_counter() - t0, rel_error=relative_error(w, q))
+    if not math.isfinite(q.stats["rel_error"]):  # never write a layer that computes inf / NaN
+        raise ValueError(f"the fitted layer is not finite (max |w| = {float(w.abs().max()):.3g}; a float16 branch "
+                         "holds at most 65504): check the weights, or use a quantized branch format such as w8a8")
     return q
 
 

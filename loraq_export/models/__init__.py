@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -30,12 +31,17 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
         module = diffusion.build_preset(model, num_layers=num_layers, seed=seed)
         return diffusion.make_diffusion_model(module, model, {"preset": model, "seed": seed, "num_layers": num_layers})
     path = Path(model)
-    if not path.exists():
+    from loraq_export.checkpoint import refuse_checkpoint_as_model
+    from loraq_export.inputs import readable
+    if not os.path.lexists(path) and not _stat_denied(path):
         raise UserError(f"model {model!r} not found: pass {describe_sources()}")
+    readable(path, "model path", f"pass {describe_sources()}")  # permissions, dangling links
+    refuse_checkpoint_as_model(path)
     if num_layers is not None:
         raise UserError("--num-layers applies to the diffusion presets only, not to a folder")
     config = path / "config.json"
     if path.is_dir() and config.is_file() and not (path / "model_index.json").exists():
+        readable(config, "config file", "re-save the model")
         try:
             cfg = json.loads(config.read_text())
         except (OSError, ValueError) as e:
@@ -44,3 +50,13 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
             return minilm.load_bert(path, path.name)
     module, source = diffusion.load_diffusers_folder(path)
     return diffusion.make_diffusion_model(module, path.name, source)
+
+
+def _stat_denied(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        pass
+    return False

@@ -142,7 +142,9 @@ def _check_weights(folder: Path) -> torch.dtype | None:
     if not files:
         raise UserError(f"no weights file (*.safetensors or *.bin) in {folder}; re-download or re-save the model")
     counts: dict[torch.dtype, int] = {}
+    from loraq_export.inputs import readable
     for f in files:
+        readable(f, "weights file", "re-download or re-save the model")  # permission denied is not corruption
         if not f.name.endswith(".safetensors"):
             continue
         try:
@@ -195,11 +197,20 @@ def load_diffusers_folder(path) -> tuple[nn.Module, dict]:
     kwargs = {"local_files_only": True}
     if stored is not None:
         kwargs["torch_dtype"] = stored
+    from diffusers.utils import logging as dlogging
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # its warnings (missing keys, accelerate) would break the one-line error
     try:
-        module = cls.from_pretrained(str(folder), **kwargs)
+        module, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except Exception as exc:  # diffusers raises OSError / ValueError / safetensors errors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load {cls_name} from {folder} ({msg}); re-download or re-save the model") from exc
+    finally:
+        dlogging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # diffusers would fill them with random values: a silently wrong model
+        raise UserError(f"{folder}: {len(missing)} weight(s) missing from its weights files (first: {missing[0]}); "
+                        "re-download or re-save the model")
     dtype = next(module.parameters()).dtype
     source = {
         "path": str(root.resolve()),

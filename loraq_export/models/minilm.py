@@ -57,9 +57,15 @@ def load_bert(path: Path, name: str) -> LoadedModel:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
     try:
-        model = AutoModel.from_pretrained(str(path), attn_implementation="eager").float().eval()
+        model, info = AutoModel.from_pretrained(str(path), attn_implementation="eager", output_loading_info=True)
+        model = model.float().eval()
     except Exception as e:
         raise UserError(f"could not load a transformers model from {path}: {str(e).splitlines()[0]}") from None
+    # transformers fills missing weights with random values: refuse (the pooler is unused by the outputs)
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
+    if missing:
+        raise UserError(f"{path}: {len(missing)} weight(s) missing from its weights files (first: {missing[0]}); "
+                        "re-download or re-save the model")
     return wrap_bert(model, path, name)
 
 
