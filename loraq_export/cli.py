@@ -87,6 +87,7 @@ def cmd_quantize(args) -> int:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local: never reach for a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
         print(f"loraq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        command = getattr(locals().get("args"), "command", None)
-        if command == "quantize":
+        if args is not None and args.command == "quantize":
             print("loraq: interrupted; the output was not written, finished layers are kept: "
                   "re-run the same command to resume", file=sys.stderr)
         else:
