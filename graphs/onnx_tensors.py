@@ -6,19 +6,10 @@ numpy_helper.from_array wrapped in gs LazyValues (see docs/deploy.md).
 """
 from __future__ import annotations
 
-import itertools
-
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
-
-_counter = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{next(_counter)}"
-
 
 def int_dtype(bits: int, signed: bool):
     if bits == 4:
