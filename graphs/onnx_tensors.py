@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+
 def int_dtype(bits: int, signed: bool):
     if bits == 4:
         return ml_dtypes.int4 if signed else ml_dtypes.uint4
