@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from calibless.formats import ActFormat, BranchFormat, LayerFormat, WeightFormat
+from calibless.formats import BranchFormat, LayerFormat, WeightFormat
 from calibless.quant import choose_qparams, dequantize, fake_quant_act, quantize
 
 
@@ -61,7 +61,7 @@ class Branch:
         if fmt.weight is None:
             return cls(a.detach().half(), b.detach().half(), fmt)
         return cls(QTensor.from_float(a, down_format(fmt, a.shape[0])),
-                   QTensor.from_float(b, WeightFormat(fmt.weight.bits, fmt.weight.symmetric, None)), fmt)
+                   QTensor.from_float(b, up_format(fmt)), fmt)
 
     @property
     def rank(self) -> int:
@@ -86,6 +86,11 @@ def down_format(fmt: BranchFormat, k: int) -> WeightFormat:
     w = fmt.weight
     g = w.group_size if (w.group_size is not None and k % w.group_size == 0) else None
     return WeightFormat(w.bits, w.symmetric, g)
+
+
+def up_format(fmt: BranchFormat) -> WeightFormat:
+    """B is quantized per output channel: its reduction dim is the rank, too short to block."""
+    return WeightFormat(fmt.weight.bits, fmt.weight.symmetric, None)
 
 
 @dataclass

@@ -272,13 +272,9 @@ def format_violations(violations: list, target: str) -> str:
     return "\n".join(lines + [f"FAILED: {len(violations)} violation(s) of the {target} rules"])
 
 
-def check_path(path: str, target: str) -> list:
-    return check_model(onnx.load(path), target)
-
-
-def check_main(path: str, target: str) -> int:
-    """What `loraq check MODEL.onnx --target T` does: print each violation, return the exit status
-    (0: passes, 1: violations)."""
-    violations = check_path(path, target)
+def check_main(model: onnx.ModelProto, target: str) -> int:
+    """What `loraq check MODEL.onnx --target T` does with the loaded model: print each violation,
+    return the exit status (0: passes, 1: violations)."""
+    violations = check_model(model, target)
     print(format_violations(violations, target))
     return 1 if violations else 0

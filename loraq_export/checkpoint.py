@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from calibless.formats import BranchFormat, LayerFormat, WeightFormat
@@ -110,11 +109,6 @@ def record_from(name: str, t: dict, meta: dict) -> QuantizedLinear:
                            {"rel_error": meta.get("rel_error")})
 
 
-def quantized_keys(name: str, rec_meta: dict) -> set:
-    """Keys of the model's own state dict that a quantized layer replaces."""
-    return {f"{name}.weight"}
-
-
 # ---------- whole checkpoints ----------
 
 def model_config(loaded) -> dict:
@@ -142,7 +136,7 @@ def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
     replaced = set()
     for name in sorted(records):
         tensors.update(record_tensors(name, records[name]))
-        replaced |= quantized_keys(name, qconfig["layers"][name])
+        replaced.add(f"{name}.weight")  # the layer's float weight is replaced by its codes
     for key, value in loaded.module.state_dict().items():
         if key not in replaced:
             tensors[key] = value.detach().contiguous()
@@ -248,7 +242,7 @@ def load_checkpoint(path: Path):
     try:
         for name, meta in q["layers"].items():
             records[name] = record_from(name, tensors, meta)
-            replaced |= quantized_keys(name, meta)
+            replaced.add(f"{name}.weight")
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path}: quantization_config disagrees with its tensors ({e}); re-run loraq quantize") from None
     own = {k: v for k, v in tensors.items() if k in module.state_dict()}

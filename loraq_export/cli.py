@@ -74,8 +74,7 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     from graphs.check import check_main
     from loraq_export.onnx_files import load_onnx_for_check
-    load_onnx_for_check(args.onnx_file)  # bad files end as one clear line
-    return check_main(str(args.onnx_file), args.target)
+    return check_main(load_onnx_for_check(args.onnx_file), args.target)  # bad files end as one clear line
 
 
 def cmd_quantize(args) -> int:

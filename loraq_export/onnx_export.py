@@ -5,7 +5,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import onnx
 import torch

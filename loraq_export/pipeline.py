@@ -1,8 +1,10 @@
-"""The flows behind the commands: quantize (fit + checkpoint) and export (fit or load, ONNX,
-validate, report). Each stage is timed; the report records everything a reader needs."""
+"""The flow behind ``loraq export``: fit (or load a checkpoint), export ONNX, run the graph
+passes, legalize, validate, report. Each stage is timed; the report records everything a
+reader needs. ``loraq quantize`` is in quantize.py."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,18 +42,17 @@ class Options:
 
 @dataclass
 class Timer:
+    """``with timer("stage"):`` adds the block's seconds to ``times[stage]``."""
+
     times: dict = field(default_factory=dict)
 
+    @contextmanager
     def __call__(self, stage: str):
-        timer = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[stage] = round(timer.times.get(stage, 0.0) + time.perf_counter() - self.t, 3)
-        return _T()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = round(self.times.get(stage, 0.0) + time.perf_counter() - t, 3)
 
 
 def validation_batches(loaded: LoadedModel, seed: int) -> list[tuple]:

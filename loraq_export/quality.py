@@ -1,9 +1,8 @@
 """End-to-end quality of a quantized model against its FP original, per model kind."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
-import numpy as np
 import torch
 
 from loraq_export.models.base import LoadedModel

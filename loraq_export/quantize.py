@@ -55,7 +55,7 @@ def fit_checkpointable(opts, dist: Dist):
                          progress=opts.progress and dist.is_main, done=done, on_fitted=partial.save,
                          shard=(dist.rank, dist.world))
     times["fit"] = round(time.perf_counter() - t, 3)
-    records = dist.gather_records({n: r for n, r in records.items()})
+    records = dist.gather_records(records)
     return loaded, recipe, plans, records, times, partial
 
 

@@ -25,8 +25,8 @@ import torch
 from calibless.formats import WeightFormat
 from calibless.methods import register_method
 from calibless.methods.svdquant import alternate
-from calibless.quant import _expand, choose_qparams, fake_quant_weight
-from calibless.record import Branch, QTensor, QuantizedLinear, down_format
+from calibless.quant import choose_qparams, fake_quant_weight
+from calibless.record import Branch, QTensor, QuantizedLinear, down_format, up_format
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
@@ -81,7 +81,7 @@ def _branch_formats(spec, k: int):
     w = spec.branch.weight
     if w is None:
         return None, None
-    return down_format(spec.branch, k), WeightFormat(w.bits, w.symmetric, None)
+    return down_format(spec.branch, k), up_format(spec.branch)
 
 
 def _deployed(w, s, a, b, spec):
