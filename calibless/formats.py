@@ -145,8 +145,11 @@ def _dyn(bits: Optional[int]) -> ActFormat:
     return NO_ACT if bits is None else ActFormat(bits, "dynamic_per_token")
 
 
-# name -> (weight bits or None for 16-bit, activation bits or None)
-BRANCH_FORMATS = {"fp16": (None, None), "w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+# name -> (weight bits or None for 16-bit, activation bits or None for unquantized activations).
+# w4a16 (INT4 factors, float activations) is the branch that fuses into a W4A16 main GEMM: it is
+# the cheapest branch in ONNX Runtime and deployable as INT4 weight-only in TensorRT.
+BRANCH_FORMATS = {"fp16": (None, None), "w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4),
+                  "w4a16": (4, None)}
 MAIN_FORMATS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
 
 

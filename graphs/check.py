@@ -24,10 +24,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.passes.common import INT4_TYPES, attr, const_array, const_dtype, producer, quiet
+from graphs.passes.common import BRANCH_SUFFIXES, INT4_TYPES, attr, const_array, const_dtype, producer, quiet
 
 GEMMS = ("MatMul", "Gemm")
-BRANCH_SUFFIXES = (".down_q", ".up_q")
 TRT_TYPES = {np.dtype(np.int8), np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.float8_e4m3fn)}
 FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 

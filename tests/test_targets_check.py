@@ -82,6 +82,23 @@ def test_ort_legalize_quantized_recipes():
             assert rel_l2(run(before, inputs(128)), run(after, inputs(128))) < 1e-5
 
 
+@pytest.mark.parametrize("branch, rank, fp32_factors", [
+    ("w4a16", 16, 2), ("w8a8", 16, 2), ("w4a8", 64, 2), ("w4a16", 128, 0)])
+def test_ort_skinny_factors_run_as_fp32_gemms_from_int4_storage(branch, rank, fp32_factors):
+    """Factors of rank <= 64 leave MatMulNBits (faster as fp32 GEMMs in ORT), stay integer in the
+    file, and compute the same values; rank 128 stays in MatMulNBits."""
+    before = single_model(256, 192, rank, branch=branch)
+    after = legalize(before, "ort")
+    opt = collections.Counter(n.op_type for n in ort_optimized(after).graph.node)
+    assert opt["FusedMatMul"] == fp32_factors and opt["MatMulNBits"] == 3 - fp32_factors
+    factors = [i for i in after.graph.initializer if i.name.endswith((".down_q", ".up_q"))]
+    assert len(factors) == 2 and all(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8) for i in factors)
+    assert check_model(after, "ort") == []
+    feeds = inputs(256)
+    # accuracy_level 0 on both sides: MatMulNBits then computes in fp32 too, so only the order differs
+    assert rel_l2(run(before, feeds), run(after, feeds)) < 1e-5
+
+
 # ------------------------------------------------------------------ check: TensorRT
 @pytest.mark.parametrize("kw, rule", [
     (dict(act="dynamic4"), "trt-int4-activation"),

@@ -25,6 +25,7 @@ log = logging.getLogger("graphs.passes")
 
 INT4_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 BLOCK_SIZES = (256, 128, 64, 32, 16)  # what MatMulNBits takes: power of two, 16..256
+BRANCH_SUFFIXES = (".down_q", ".up_q")  # the writer's names for the branch factors' codes
 
 
 @contextlib.contextmanager
