@@ -30,7 +30,8 @@ def quantize(tmp_path, name, *extra, method="lqer", recipe="w4a8-g64-r16-w6a6"):
 
 
 @pytest.mark.parametrize("recipe,method", [("w4a8-g64-r16-w6a6", "lqer"), ("w4a4-g128-r8-w4a8", "svdquant"),
-                                           ("w4a16-g64-r16-fp16", "lqer"), ("w4a16-g64-asym", "rtn")])
+                                           ("w4a16-g64-r16-fp16", "lqer"), ("w4a16-g64-asym", "rtn"),
+                                           ("w4a16-g64-r16-w4a16", "loraq")])
 def test_reload_equals_in_memory_exactly(tmp_path, recipe, method):
     loaded = load_model("pixart-sigma", num_layers=1)
     r = load_recipe(recipe, method)

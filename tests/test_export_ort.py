@@ -62,7 +62,8 @@ def test_every_format_agrees_with_torch_in_ort(main, branch):
     graph, v = export_and_validate(model, records)
     assert v["worst_layer"]["rel_l2"] < 1e-5
     ops = [n.op_type for n in graph.graph.node]
-    per_layer = 1 + (branch != "fp16") * 2 + (main != "w4a16") + (branch not in ("fp16",)) * 2
+    wbits, abits = BRANCH_FORMATS[branch]
+    per_layer = 1 + (wbits is not None) * 2 + (main != "w4a16") + (abits is not None) * 2
     assert ops.count("DequantizeLinear") == 2 * per_layer  # weights W, A, B and each quantized activation
     # the main weight is INT4, blocked along the input dim, and feeds the MatMul directly
     inits = {i.name: i for i in graph.graph.initializer}
