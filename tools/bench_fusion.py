@@ -7,7 +7,8 @@ Layers cycle through PixArt-Sigma's Linear shapes (hidden 1152, MLP 4608): 1152-
 path, A16 activations, groups of --group along the input dim), written by graphs.qdq exactly as
 the export path writes them. Configs: FP32 (MatMul + Add), W4 main only, and per rank W4 + branch
 unfused (graphs.passes.NO_FUSE_PASSES) and fused (DEFAULT_PASSES); every quantized graph then goes
-through the 'ort' legalizer, as `loraq export --target ort` does. ONNX Runtime CPU, --threads
+through the 'ort' legalizer, as `loraq export --target ort` does (which also runs branch factors
+of rank <= 64 as fp32 GEMMs: see graphs/targets/ort.py). ONNX Runtime CPU, --threads
 intra-op threads, MatMulNBits accuracy_level 4 (int8 compute inside the kernel: ORT's default,
 for speed). Configs run interleaved (each round runs every config once, the order rotating) and
 the table gives medians over rounds; a ratio is the median over rounds of the two configs' times
