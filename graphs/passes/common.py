@@ -160,21 +160,31 @@ def fusable(ws: list) -> bool:
 
 
 def write_weight_dq(graph: gs.Graph, base: str, codes: np.ndarray, scale: np.ndarray,
-                    zero_point: Optional[np.ndarray], block: int, blocked: bool = False) -> gs.Variable:
+                    zero_point: Optional[np.ndarray], block: int, blocked: bool = False,
+                    transposed: bool = False) -> gs.Variable:
     """Constant codes -> DequantizeLinear (axis 0, blocks of ``block`` rows, or per-channel axis 1
-    when one block spans K, unless ``blocked``); returns the float output. Initializers are named
-    ``{base}_q``, ``{base}_scale``."""
+    when one block spans K, unless ``blocked``); returns the float (K, N) output. Initializers are
+    named ``{base}_q``, ``{base}_scale``. ``transposed``: store codes^T (N, K), always blocked along
+    axis 1, then Transpose back (the same values; see graphs/targets/ort.py for why)."""
     k, n = codes.shape
-    if scale.shape[0] == 1 and block >= k and not blocked:
+    if transposed:
+        attrs = {"axis": 1, "block_size": int(block)}
+        codes, scale = codes.T, scale.T
+        zero_point = None if zero_point is None else zero_point.T
+    elif scale.shape[0] == 1 and block >= k and not blocked:
         attrs, scale = {"axis": 1}, scale[0]
         zero_point = None if zero_point is None else zero_point[0]
     else:
         attrs = {"axis": 0, "block_size": int(block)}
-    inputs = [constant(f"{base}_q", codes), constant(f"{base}_scale", np.ascontiguousarray(scale, np.float32))]
+    inputs = [constant(f"{base}_q", np.ascontiguousarray(codes)),
+              constant(f"{base}_scale", np.ascontiguousarray(scale, np.float32))]
     if zero_point is not None:
-        inputs.append(constant(f"{base}_zero_point", zero_point.astype(codes.dtype)))
+        inputs.append(constant(f"{base}_zero_point", np.ascontiguousarray(zero_point.astype(codes.dtype))))
     out = gs.Variable(f"{base}_dq", dtype=np.float32)
     graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", attrs, inputs, [out]))
+    if transposed:
+        dq_t, out = out, gs.Variable(f"{base}_dq_t", dtype=np.float32)
+        graph.nodes.append(gs.Node("Transpose", f"{base}/Transpose", {"perm": [1, 0]}, [dq_t], [out]))
     return out
 
 

@@ -29,7 +29,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphs.onnx_tensors import constant
-from graphs.passes.common import BRANCH_SUFFIXES, INT4_TYPES, attr, const_array, producer, weight_dq
+from graphs.passes.common import (BRANCH_SUFFIXES, INT4_TYPES, attr, const_array, detach, producer, replace_uses,
+                                  weight_base, weight_dq, write_weight_dq)
 
 GEMMS = ("MatMul", "Gemm")
 
@@ -196,22 +197,15 @@ def factors_as_fp32_gemms(graph: gs.Graph, max_rank: int = FP32_FACTOR_MAX_RANK)
             continue
         if w.scale.size == 1:
             continue  # per-tensor: nothing to gain from a layout change
+        for c in dq.inputs:  # the new initializers keep the names: checks tell factors by them
+            c.name += "_replaced"
         # Blocked along axis 1 even when per channel (one block spanning K): ORT's transpose
         # optimizer pushes a Transpose through a per-axis DQ (and the DQ then fuses into
         # MatMulNBits again) but not through a blocked one.
-        attrs = {"axis": 1, "block_size": int(min(w.block, w.k))}
-        ins = [w.codes.T, w.scale.T] + ([] if w.zero_point is None else [w.zero_point.T])
-        base = w.name[:-2]  # same names (checks tell factors from main weights by them)
-        for c in dq.inputs:
-            c.name += "_replaced"
-        consts = [constant(f"{base}{suffix}", np.ascontiguousarray(a))
-                  for suffix, a in zip(("_q", "_scale", "_zero_point"), ins)]
-        wt = gs.Variable(f"{base}_dq_t", dtype=np.float32)
-        out = dq.outputs[0]
-        dq.inputs.clear()
-        dq.outputs.clear()
-        graph.nodes += [gs.Node("DequantizeLinear", f"{base}/DequantizeLinearT", attrs, consts, [wt]),
-                        gs.Node("Transpose", f"{base}/Transpose", {"perm": [1, 0]}, [wt], [out])]
+        new = write_weight_dq(graph, weight_base(w.name), w.codes, w.scale, w.zero_point,
+                              min(w.block, w.k), transposed=True)
+        replace_uses(graph, dq.outputs[0], new)
+        detach(dq)
         n += 1
     return n
 
@@ -223,7 +217,6 @@ def legalize_graph(graph: gs.Graph) -> dict:
     done["activation_dq_lowered"] = lower_activation_dq(graph)
     graph.cleanup()
     done["weight_dq_duplicated"] = single_consumer_weights(graph)
-    graph.cleanup()
     done["factors_as_fp32_gemms"] = factors_as_fp32_gemms(graph)
     graph.cleanup().toposort()
     return done
