@@ -1,4 +1,5 @@
-"""Quantization formats as data: frozen dataclasses that round-trip through JSON.
+"""Quantization formats as data: frozen dataclasses that round-trip through JSON
+(``calibless.config.to_dict`` / ``from_dict``).
 
 Conventions used everywhere in the package:
 - A matrix is stored in "math" layout (K, N): K is the reduction (input) dimension, N the
@@ -10,22 +11,13 @@ Conventions used everywhere in the package:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
-FORMAT_VERSION = 1
 WEIGHT_BITS = (4, 6, 8)
 ACT_BITS = (4, 6, 8)
 GROUP_SIZES = (None, 32, 64, 128)
-ACT_MODES = ("none", "dynamic_per_token", "static_per_tensor")
-
-
-def _from_dict(cls, d: dict):
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} for {cls.__name__}")
-    return cls(**d)
+ACT_MODES = ("none", "dynamic_per_token")
 
 
 @dataclass(frozen=True)
@@ -56,17 +48,11 @@ class WeightFormat:
     def block_size(self, k: int) -> int:
         return k if self.group_size is None else self.group_size
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WeightFormat":
-        return _from_dict(cls, d)
-
 
 @dataclass(frozen=True)
 class ActFormat:
-    """Activation quantization: symmetric, dynamic per-token or static per-tensor, or none."""
+    """Activation quantization: symmetric, dynamic per token (scales computed in the graph), or none.
+    (Static per-tensor scales exist only in TensorRT graphs, set by its legalizer's calibration.)"""
 
     bits: Optional[int] = None
     mode: str = "none"
@@ -91,13 +77,6 @@ class ActFormat:
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ActFormat":
-        return _from_dict(cls, d)
-
 
 NO_ACT = ActFormat()
 
@@ -108,13 +87,6 @@ class LayerFormat:
 
     weight: WeightFormat
     act: ActFormat = NO_ACT
-
-    def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "act": self.act.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LayerFormat":
-        return cls(WeightFormat.from_dict(d["weight"]), ActFormat.from_dict(d["act"]))
 
 
 @dataclass(frozen=True)
@@ -129,16 +101,6 @@ class BranchFormat:
     name: str
     weight: Optional[WeightFormat]
     act: ActFormat = NO_ACT
-
-    def to_dict(self) -> dict:
-        return {"name": self.name,
-                "weight": None if self.weight is None else self.weight.to_dict(),
-                "act": self.act.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BranchFormat":
-        w = d.get("weight")
-        return cls(d["name"], None if w is None else WeightFormat.from_dict(w), ActFormat.from_dict(d["act"]))
 
 
 def _dyn(bits: Optional[int]) -> ActFormat:
@@ -169,12 +131,10 @@ def main_format(name: str, group_size: Optional[int] = 64, symmetric: bool = Tru
 
 @dataclass(frozen=True)
 class FitSpec:
-    """What a method must produce for one layer: main format, branch rank and format, options."""
+    """What a method must produce for one layer: main format, branch rank and format, and the
+    method's options (an instance of the options class it registered; None: its defaults)."""
 
     main: LayerFormat
     rank: int = 0
     branch: Optional[BranchFormat] = None
-    options: tuple = ()  # method options as sorted (key, value) pairs, hashable
-
-    def option(self, key: str, default=None):
-        return dict(self.options).get(key, default)
+    options: object = None

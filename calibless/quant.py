@@ -115,18 +115,15 @@ def fake_quant_weight(w: torch.Tensor, fmt: WeightFormat, clip: Optional[torch.T
     return q * s
 
 
-def act_scale(x: torch.Tensor, fmt: ActFormat, static_scale: Optional[float] = None) -> torch.Tensor:
-    if fmt.mode == "static_per_tensor":
-        if static_scale is None:
-            raise ValueError("static per-tensor activation quantization needs a calibrated scale")
-        return torch.tensor(static_scale, dtype=x.dtype)
+def act_scale(x: torch.Tensor, fmt: ActFormat) -> torch.Tensor:
+    """Dynamic per-token scale: max |x| over the last axis / qmax, floored at ACT_SCALE_EPS."""
     scale = x.abs().amax(dim=-1, keepdim=True) / fmt.qmax
     return torch.clamp(scale, min=ACT_SCALE_EPS)
 
 
-def fake_quant_act(x: torch.Tensor, fmt: ActFormat, static_scale: Optional[float] = None) -> torch.Tensor:
+def fake_quant_act(x: torch.Tensor, fmt: ActFormat) -> torch.Tensor:
     """Symmetric activation quantize-dequantize (round half to even, as ONNX QuantizeLinear)."""
     if not fmt.enabled:
         return x
-    s = act_scale(x, fmt, static_scale)
+    s = act_scale(x, fmt)
     return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax) * s

@@ -45,15 +45,15 @@ class QTensor:
         return bits
 
 
-Factor = Union[QTensor, torch.Tensor]  # a float16 tensor for the 16-bit branch
+BranchFactor = Union[QTensor, torch.Tensor]  # a float16 tensor for the 16-bit branch
 
 
 @dataclass
 class Branch:
     """Low-rank branch y += (x A) B with A (in, r) and B (r, out), each quantized per ``fmt``."""
 
-    down: Factor
-    up: Factor
+    down: BranchFactor
+    up: BranchFactor
     fmt: BranchFormat
 
     @classmethod
@@ -68,7 +68,7 @@ class Branch:
         return self.down.shape[1]
 
     @staticmethod
-    def _float(f: Factor) -> torch.Tensor:
+    def _float(f: BranchFactor) -> torch.Tensor:
         return f.dequantize() if isinstance(f, QTensor) else f.float()
 
     def down_weight(self) -> torch.Tensor:
@@ -94,17 +94,15 @@ def up_format(fmt: BranchFormat) -> WeightFormat:
 
 
 @dataclass
-class QuantizedLinear:
+class LayerRecord:
     """Everything needed to compute, store and export one quantized Linear layer.
 
-    Math: x' = x / smooth (when smoothing was used); y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias.
+    Math: y = Qa(x) @ deq(W) + Qb2(Qb1(x) @ A) @ B + bias.
     """
 
     weight: QTensor  # (in, out)
     fmt: LayerFormat
     branch: Optional[Branch] = None
-    smooth: Optional[torch.Tensor] = None  # (in,), the input is divided by it
-    act_scales: dict = field(default_factory=dict)  # static scales: "main", "branch_in", "branch_mid"
     method: str = ""
     stats: dict = field(default_factory=dict)
 
@@ -121,20 +119,16 @@ class QuantizedLinear:
         w = self.weight.dequantize()
         if self.branch is not None:
             w = w + self.branch.down_weight() @ self.branch.up_weight()
-        if self.smooth is not None:
-            w = w / self.smooth[:, None]
         return w
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The exact reference computation, op for op what the QDQ ONNX graph computes."""
-        if self.smooth is not None:
-            x = x / self.smooth
-        xm = fake_quant_act(x, self.fmt.act, self.act_scales.get("main"))
+        xm = fake_quant_act(x, self.fmt.act)
         y = xm @ self.weight.dequantize()
         if self.branch is not None:
             b = self.branch
-            xb = fake_quant_act(x, b.fmt.act, self.act_scales.get("branch_in"))
-            h = fake_quant_act(xb @ b.down_weight(), b.fmt.act, self.act_scales.get("branch_mid"))
+            xb = fake_quant_act(x, b.fmt.act)
+            h = fake_quant_act(xb @ b.down_weight(), b.fmt.act)
             y = y + h @ b.up_weight()
         if bias is not None:
             y = y + bias
@@ -144,15 +138,13 @@ class QuantizedLinear:
         bits = self.weight.stored_bits()
         if self.branch is not None:
             bits += self.branch.stored_bits()
-        if self.smooth is not None:
-            bits += self.smooth.numel() * 32
         return bits
 
     def bits_per_weight(self) -> float:
         return self.stored_bits() / (self.in_features * self.out_features)
 
 
-def relative_error(w: torch.Tensor, q: QuantizedLinear) -> float:
+def relative_error(w: torch.Tensor, q: LayerRecord) -> float:
     """||W - W_eff||_F / ||W||_F with W in (in, out) layout."""
     w = w.double()  # float32 norms over- or underflow for weights near 1e+-20
     return float(torch.linalg.norm(w - q.effective_weight().double()) / torch.linalg.norm(w).clamp_min(1e-300))

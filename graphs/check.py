@@ -7,26 +7,26 @@ ort: each main INT4 weight DQ must become MatMulNBits. Static rules say why it w
 DQ feeding MatMul input B and nothing else, and no DQ on the MatMul's activation input), and the
 rule that decides is checked for real: an ORT session is built with the optimized model written
 to a temporary file, and every main weight must be read by a MatMulNBits there.
-tensorrt: docs/deploy.md: INT4 for weights only (weight-only GEMMs), symmetric (signed types, zero
+tensorrt (docs/deployment.md, "TensorRT"): INT4 for weights only (weight-only GEMMs), symmetric (signed types, zero
 points all zero), constant positive scales, per-tensor activation scales, block quantization for
 INT4 only (2-D scale on a 2-D weight), weight DQ feeding the GEMM directly (no Cast between).
 Branch factors (initializers named '*.down_q', '*.up_q') are not main weights.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.passes.common import BRANCH_SUFFIXES, INT4_TYPES, attr, const_array, const_dtype, producer, quiet
+from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES
+from graphs.nodes import attr, producer, quiet
+from graphs.runtime import ort_optimized
+from graphs.tensors import const_array, const_dtype
 
-GEMMS = ("MatMul", "Gemm")
 TRT_TYPES = {np.dtype(np.int8), np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.float8_e4m3fn)}
 FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 
@@ -36,9 +36,6 @@ class Violation:
     node: str
     rule: str
     message: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def __str__(self) -> str:
         return f"{self.node}: [{self.rule}] {self.message}"
@@ -78,7 +75,7 @@ def _gemm_users(dq: gs.Node) -> list:
 
 
 # ---------------------------------------------------------------- ONNX Runtime
-def ort_static(graph: gs.Graph) -> list:
+def ort_graph_rules(graph: gs.Graph) -> list:
     v = []
     for dq in main_weight_dqs(graph):
         name = dq.name or dq.outputs[0].name
@@ -111,24 +108,9 @@ def ort_static(graph: gs.Graph) -> list:
     return v
 
 
-def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's optimized graph (ORT_ENABLE_EXTENDED, CPU), read back from a temp file."""
-    import onnxruntime as ort
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "in.onnx")
-        big = model.ByteSize() > (1 << 30)
-        onnx.save(model, src, save_as_external_data=big, location="in.onnx.data" if big else None)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
-        if big:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
-        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath)
-
-
-def ort_dynamic(model: onnx.ModelProto, graph: gs.Graph, known: list) -> list:
+def ort_session_rules(model: onnx.ModelProto, graph: gs.Graph, known: list) -> list:
+    """The rule that decides: every main weight is read by a MatMulNBits in ONNX Runtime's own
+    optimized graph (``known``: the static findings, named as the likely cause)."""
     mains = main_weight_dqs(graph)
     if not mains:
         return []
@@ -244,8 +226,8 @@ def _trt_weight(dq: gs.Node, name: str, dtype) -> list:
 
 def check_graph(graph: gs.Graph, target: str, model: onnx.ModelProto = None) -> list:
     if target == "ort":
-        static = ort_static(graph)
-        dynamic = ort_dynamic(model if model is not None else gs.export_onnx(graph), graph, static)
+        static = ort_graph_rules(graph)
+        dynamic = ort_session_rules(model if model is not None else gs.export_onnx(graph), graph, static)
         if any(v.rule == "ort-session" for v in dynamic):
             return static + dynamic
         # ORT decides: a static finding that did not stop the fusion (e.g. a float Cast that ORT

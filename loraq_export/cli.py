@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args, default_out: str):
-    from loraq_export.pipeline import Options
+    from loraq_export.options import Options
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
     return Options(model=args.model, recipe=args.recipe, method=args.method, out=args.out or Path(default_out),
@@ -66,19 +66,18 @@ def _options(args, default_out: str):
 
 
 def cmd_export(args) -> int:
-    from loraq_export.pipeline import run_export
+    from loraq_export.commands.export import run_export
     run_export(_options(args, "loraq-out"))
     return 0
 
 
 def cmd_check(args) -> int:
-    from graphs.check import check_main
-    from loraq_export.onnx_files import load_onnx_for_check
-    return check_main(load_onnx_for_check(args.onnx_file), args.target)  # bad files end as one clear line
+    from loraq_export.commands.check import run_check
+    return run_check(args.onnx_file, args.target)  # bad files end as one clear line
 
 
 def cmd_quantize(args) -> int:
-    from loraq_export.quantize import run_quantize
+    from loraq_export.commands.quantize import run_quantize
     run_quantize(_options(args, "loraq-ckpt"))
     return 0
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graphs.constants import OPSET
 from loraq_export import __version__
-from loraq_export.fitting import LayerPlan
+from loraq_export.fit.plan import LayerPlan
+from loraq_export.fit.recipes import Recipe
 from loraq_export.models import LoadedModel
-from loraq_export.recipes import Recipe
 
 
 def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
@@ -25,7 +26,7 @@ def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
 
 def size_summary(loaded: LoadedModel, records: dict) -> dict:
     """Bits per weight counting every stored bit of the quantized layers (codes, scales, zero
-    points, branch factors and their scales, smoothing vectors; biases excluded, kept in fp32)."""
+    points, branch factors and their scales; biases excluded, kept in fp32)."""
     q_params = sum(r.in_features * r.out_features for r in records.values())
     q_bits = sum(r.stored_bits() for r in records.values())
     all_params = sum(p.numel() for p in loaded.module.parameters())
@@ -57,7 +58,7 @@ def build_report(loaded, recipe: Recipe, plans, records, times: dict, seed: int,
               "validation": validation, "quality": quality, "sampling": sampling,
               "layers": layer_table(plans, records)}
     if validation is not None:
-        report["onnx"] = {"opset": 21, "inputs": loaded.input_names, "outputs": loaded.output_names,
+        report["onnx"] = {"opset": OPSET, "inputs": loaded.input_names, "outputs": loaded.output_names,
                           "ort_accuracy_level_for_validation": 0}
     return report
 

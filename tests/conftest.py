@@ -28,3 +28,4 @@ def minilm_weights(minilm):
     """The 36 encoder Linear weights of the real MiniLM, (in, out) layout."""
     return {n: m.weight.detach().T.contiguous() for n, m in minilm.module.named_modules()
             if isinstance(m, torch.nn.Linear) and minilm.select(n, m)[0]}
+

@@ -1,5 +1,7 @@
 """The command line: a real export on the bundled MiniLM, and bad input."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ def run_cli(*args):
     return p.returncode, p.stdout, p.stderr
 
 
+@pytest.mark.slow
 def test_export_minilm_rtn_writes_validated_artifacts(tmp_path):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli("export", "--method", "rtn", "--out", str(out), "--fp-onnx", "--no-progress")
@@ -66,6 +69,7 @@ def test_existing_output_dir_is_refused(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_export_targets_and_check(tmp_path, capsys):
     """--target tensorrt legalizes (static INT8 scales from a data-free calibration) and `check`
     passes it; `check` fails the ort-legal unfused graph for tensorrt; --no-fuse keeps the branch apart."""
@@ -100,3 +104,43 @@ def test_check_bad_files(tmp_path, capsys, content):
     assert main(["check", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("loraq: error:")
+
+
+@pytest.mark.slow
+def test_readme_first_command_through_the_console_script(tmp_path):
+    """README's first command as a user types it: `loraq export` in an empty folder, no flags."""
+    exe = shutil.which("loraq")
+    assert exe, "the 'loraq' console script is not on PATH: pip install -e . installs it"
+    p = subprocess.run([exe, "export"], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                       env={k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"})  # the CLI sets it itself
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "loraq-out"
+    assert sorted(f.name for f in out.iterdir()) == ["model.onnx", "report.json"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["recipe"]["recipe"] == "w4a16-g64-r32-w8a8" and rep["method"] == "loraq"
+    assert rep["summary"]["quantized_layers"] == 36 and rep["validation"]["passed"]
+    assert rep["graph"]["target"] == "ort" and rep["graph"]["ort"]["violations"] == []
+    assert rep["quality"]["torch"]["mean"] > 0.98 and abs(rep["quality"]["onnx"]["mean"] - rep["quality"]["torch"]["mean"]) < 1e-3
+    first = p.stdout.splitlines()[0]
+    assert first == "loraq: all-MiniLM-L6-v2 | recipe w4a16-g64-r32-w8a8 | method loraq", p.stdout
+    assert main(["check", str(out / "model.onnx")]) == 0
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_equals_a_direct_export(tmp_path, capsys):
+    """`loraq quantize` then `loraq export CKPT` gives the very model.onnx that `loraq export` gives
+    with the same recipe, method and seed, and compares against the FP original it reloads."""
+    common = ["pixart-sigma", "--num-layers", "1", "--recipe", "w4a8-g32-r8-w8a8", "--method", "lqer",
+              "--workers", "1", "--no-progress"]
+    ck, from_ck, direct = tmp_path / "ck", tmp_path / "from_ck", tmp_path / "direct"
+    assert main(["quantize", *common, "--out", str(ck)]) == 0
+    assert main(["export", str(ck), "--out", str(from_ck), "--no-progress"]) == 0
+    assert main(["export", *common, "--out", str(direct)]) == 0
+    assert (from_ck / "model.onnx").read_bytes() == (direct / "model.onnx").read_bytes()
+    rep = json.loads((from_ck / "report.json").read_text())
+    assert rep["validation"]["passed"] and rep["summary"]["quantized_layers"] == 10
+    assert set(rep["sampling"]["vs_fp"]) == {"torch_quantized", "onnx_quantized"}  # the FP original was reloaded
+    assert rep["sampling"] == json.loads((direct / "report.json").read_text())["sampling"]
+    capsys.readouterr()
+    assert main(["export", str(ck), "--recipe", "w4a16-g64", "--out", str(tmp_path / "x")]) == 2
+    assert "carries its own recipe" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from loraq_export.models.diffusion import build_from_config, tiny_config
+from diffusion_fixtures import tiny_config
+from loraq_export.models.diffusion import build_from_config
 
 
 def run_cli(*args, timeout=600):
@@ -28,6 +29,7 @@ def sana_pipeline_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_one_command_on_an_unseen_diffusers_folder(sana_pipeline_folder, tmp_path):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli("export", str(sana_pipeline_folder), "--out", str(out), "--no-progress",
@@ -44,6 +46,7 @@ def test_one_command_on_an_unseen_diffusers_folder(sana_pipeline_folder, tmp_pat
     s = rep["sampling"]
     assert s["steps"] == 20 and s["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert s["onnx_vs_torch_quantized"]["psnr_db"] > 40  # the ONNX model samples like the torch reference
+    assert set(s["vs_fp"]) == {"torch_quantized", "onnx_quantized"}
     for m in s["vs_fp"].values():
         assert 10 < m["psnr_db"] < 200 and m["cosine"] > 0.9
     import onnx
@@ -51,6 +54,7 @@ def test_one_command_on_an_unseen_diffusers_folder(sana_pipeline_folder, tmp_pat
     assert [i.name for i in g.graph.input] == rep["onnx"]["inputs"]
 
 
+@pytest.mark.slow
 def test_bad_folders_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -65,8 +69,10 @@ def test_bad_folders_one_line(tmp_path):
     build_from_config(cls, cfg).save_pretrained(corrupt)
     st = next(corrupt.glob("*.safetensors"))
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    for folder, needle in ((empty, "no"), (pipe, "transformer"), (unsupported, "PixArtTransformer2DModel"),
-                           (corrupt, "corrupt")):
+    for folder, needle in ((empty, "has neither model_index.json nor config.json"),
+                           (pipe, "has no 'transformer' entry or transformer/ subfolder"),
+                           (unsupported, "unsupported diffusers class 'FluxTransformer2DModel'"),
+                           (corrupt, "corrupted or truncated weights file")):
         code, _, err = run_cli("export", str(folder), "--out", str(tmp_path / "o"))
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("loraq: error:") and needle in lines[0], err

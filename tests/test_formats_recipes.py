@@ -1,28 +1,73 @@
 import json
+import re
 
 import pytest
 
-from calibless.formats import (ActFormat, BranchFormat, FitSpec, LayerFormat, WeightFormat, branch_format,
+from calibless.config import ConfigError, from_dict, to_dict
+from calibless.formats import (ActFormat, BranchFormat, LayerFormat, WeightFormat, branch_format,
                                main_format, BRANCH_FORMATS, MAIN_FORMATS)
+from calibless.methods import METHODS, method_options
 from loraq_export.errors import UserError
-from loraq_export.recipes import load_recipe, parse_layer_recipe, recipe_from_json
+from loraq_export.fit.recipes import load_recipe, parse_layer_recipe, recipe_from_json
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat(4, True, 64), WeightFormat(6, True, None), WeightFormat(8, False, 128)])
 def test_weight_format_json_round_trip(fmt):
-    assert WeightFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    assert from_dict(WeightFormat, json.loads(json.dumps(to_dict(fmt)))) == fmt
 
 
 @pytest.mark.parametrize("name", sorted(BRANCH_FORMATS))
 def test_branch_format_json_round_trip(name):
     f = branch_format(name, 64)
-    assert BranchFormat.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+    assert from_dict(BranchFormat, json.loads(json.dumps(to_dict(f)))) == f
 
 
 @pytest.mark.parametrize("name", sorted(MAIN_FORMATS))
 def test_main_format_json_round_trip(name):
     f = main_format(name, 128)
-    assert LayerFormat.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+    assert from_dict(LayerFormat, json.loads(json.dumps(to_dict(f)))) == f
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"bits": 4, "symmetric": True, "group_size": 64, "groupsize": 32}, "unknown key(s) groupsize"),
+    ({"bits": "4", "symmetric": True, "group_size": 64}, "WeightFormat.bits: expected an integer"),
+    ({"bits": 4, "symmetric": 1, "group_size": 64}, "WeightFormat.symmetric: expected true or false"),
+    ({"bits": 4, "symmetric": True, "group_size": 64, "version": 7}, "version 7 is newer"),
+    ([4, True, 64], "expected a mapping"),
+])
+def test_config_reader_refuses_what_it_does_not_know(data, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        from_dict(WeightFormat, data)
+
+
+def test_nested_config_errors_name_the_field():
+    d = to_dict(branch_format("w8a8"))
+    d["weight"]["bits"] = 5.5
+    with pytest.raises(ConfigError, match=r"BranchFormat.weight.bits: expected an integer"):
+        from_dict(BranchFormat, d)
+
+
+def test_method_options_are_typed_and_checked():
+    assert method_options("loraq", {"steps": 12}).steps == 12
+    assert method_options("loraq").steps == type(method_options("loraq"))().steps  # defaults
+    with pytest.raises(ValueError, match="unknown key.*stesp.*known: init_iters, lr, steps"):
+        method_options("loraq", {"stesp": 12})
+    with pytest.raises(ValueError, match="steps: expected an integer"):
+        method_options("loraq", {"steps": "many"})
+    with pytest.raises(ValueError, match="unknown key"):
+        method_options("rtn", {"steps": 1})  # rtn takes none
+    assert set(METHODS) >= {"rtn", "lqer", "svdquant", "loraq"}
+
+
+def test_recipe_file_options_typo_is_one_error(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("recipe: w4a16-g64-r32-w8a8\nmethod: loraq\noptions: {stesp: 10}\n")
+    with pytest.raises(UserError, match="stesp"):
+        load_recipe(str(f))
+    f.write_text("recipe: w4a16-g64-r32-w8a8\nmethod: loraq\noptions: {steps: 10}\n")
+    assert load_recipe(str(f)).spec_for("x").options.steps == 10
+    with pytest.raises(UserError, match="options of method 'svdquant'.*steps"):
+        load_recipe(str(f), "svdquant")  # options given for one method do not silently pass to another
 
 
 def test_format_ranges():

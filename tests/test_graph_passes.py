@@ -6,12 +6,15 @@ import collections
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_fixtures import chain_model, inputs, layer_record, rel_l2, run, single_model
-from graphs.check import check_model, ort_optimized
-from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, PASSES, apply_passes, register_pass
+from graph_fixtures import chain_model, inputs, layer_spec, rel_l2, run, single_model
+from graphs.check import check_model
+from graphs.runtime import ort_optimized
+from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, PASSES, apply_passes, register_pass, to_model
+from graphs.passes.fold_up import fold_up
 from graphs.targets import legalize
 
 TOL = 1e-5
@@ -30,10 +33,10 @@ def agree(before: onnx.ModelProto, after: onnx.ModelProto, k: int = 128, tol: fl
 
 def mixed_chain() -> onnx.ModelProto:
     """K <= N and K > N layers, shared and unshared activation formats, per-channel and blocked."""
-    return chain_model([layer_record(128, 64, 16, main_act=8, branch="w4a8", seed=0),
-                        layer_record(64, 128, 16, branch="w4a8", seed=1),
-                        layer_record(128, 128, 32, branch="w4a16", block=None, seed=2),
-                        layer_record(128, 64, 16, branch="w4a16", block=32, smooth=True, seed=3)])
+    return chain_model([layer_spec(128, 64, 16, main_act=8, branch="w4a8", seed=0),
+                        layer_spec(64, 128, 16, branch="w4a8", seed=1),
+                        layer_spec(128, 128, 32, branch="w4a16", block=None, seed=2),
+                        layer_spec(128, 64, 16, branch="w4a16", block=32, seed=3)])
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))
@@ -70,7 +73,9 @@ def test_fold_up_one_gemm_over_k_plus_r():
 def test_fold_up_leaves_k_greater_than_n_to_fuse_down():
     before = single_model(128, 64, 16, branch="w4a16")
     assert "Concat" not in ops(apply_passes(before, ["fold_up"]))
-    assert "Concat" in ops(apply_passes(before, ["fold_up_all"]))
+    graph = gs.import_onnx(before)
+    fold_up(graph, max_k_over_n=None)
+    assert "Concat" in ops(to_model(graph, before))
 
 
 def test_fuse_down_one_gemm_of_n_plus_r_columns():
@@ -132,10 +137,9 @@ def test_cleanup_infers_shapes_and_sorts():
                                 dict(main_act=4, branch="w4a4"), dict(main_act=None, branch="w4a16"),
                                 dict(main_act=None, branch="w8a8"), dict(main_act=None, branch="fp16"),
                                 dict(main_act=8, branch="w4a8", block=None), dict(branch="w4a16", block=32),
-                                dict(main_act=None, branch="w4a8", symmetric=False),
-                                dict(branch="w4a8", static={"branch_in": 0.05, "branch_mid": 0.02})])
+                                dict(main_act=None, branch="w4a8", symmetric=False)])
 def test_default_passes_on_chains(kw):
-    before = chain_model([layer_record(128, 64, 16, seed=0, **kw), layer_record(64, 128, 24, seed=1, **kw)])
+    before = chain_model([layer_spec(128, 64, 16, seed=0, **kw), layer_spec(64, 128, 24, seed=1, **kw)])
     after = apply_passes(before, DEFAULT_PASSES)
     agree(before, after)
     legal = legalize(after, "ort")  # every main weight becomes MatMulNBits (check_model verifies it in ORT)

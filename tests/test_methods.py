@@ -24,8 +24,9 @@ def test_method_ordering_on_real_minilm(errors):
     assert errors["loraq"] < errors["svdquant"] < errors["lqer"] < errors["rtn"]
 
 
-def test_error_levels_match_the_literature(errors):
-    # docs/methods.md, measured on these weights: RTN 0.113, LQER 0.097, alternating 0.070
+def test_error_levels_stay_where_this_code_measured_them(errors):
+    # measured by this code on these weights (README, "Methods"): RTN 0.115, LQER 0.098, SVDQuant 0.070,
+    # LoRaQ 0.055; the bounds are loose enough for float noise and tight enough that a broken method fails
     assert 0.10 < errors["rtn"] < 0.13
     assert errors["lqer"] < 0.105
     assert errors["svdquant"] < 0.075
@@ -57,15 +58,3 @@ def test_rank_and_nan_are_refused():
     w[3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fit_layer(w, SPEC, "rtn")
-
-
-def test_smoothing_with_activation_statistics():
-    torch.manual_seed(0)
-    w = torch.randn(128, 64) * 0.05
-    act = torch.rand(128) * 0.5 + 0.1
-    act[:4] = 30.0  # outlier channels
-    q = fit_layer(w, FitSpec(main_format("w4a16", 64), 8, branch_format("fp16", 64)), "svdquant", act_stats=act)
-    assert q.smooth is not None and q.smooth.shape == (128,)
-    x = torch.randn(32, 128) * act
-    rel = (q.forward(x) - x @ w).norm() / (x @ w).norm()
-    assert rel < 0.1

@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_fixtures import tiny_config
 from loraq_export.errors import UserError
-from loraq_export.models.diffusion import (
-    PRESETS,
-    SUPPORTED,
-    build_from_config,
-    build_preset,
-    load_diffusers_folder,
-    make_diffusion_model,
-    tiny_config,
-)
+from loraq_export.models.diffusion import PRESETS, SUPPORTED, build_from_config, build_preset, make_diffusion_model
+from loraq_export.models.diffusion_folders import load_diffusers_folder
 
-from loraq_export.validate import ort_session  # noqa: E402
+from graphs.runtime import ort_session  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -33,7 +27,7 @@ SANA_CROSS = {"sana-600m": (16, 72, 1152), "sana-1.6b": (20, 112, 2240)}
 TINY = ["pixart-sigma", "sana-600m"]
 
 
-def _session(ort, path):
+def _session(path):
     return ort_session(str(path), threads=1)  # one thread: tiny models on a shared 2-core box
 
 
@@ -124,14 +118,13 @@ def test_make_inputs(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_onnx_export_matches_torch(name, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     lm = make_diffusion_model(tiny(name, num_layers=2), name)
     path = tmp_path / "model.onnx"
     torch.onnx.export(
         lm.wrapper, lm.make_inputs(), str(path), dynamo=False, opset_version=21,
         input_names=lm.input_names, output_names=lm.output_names, dynamic_axes=lm.dynamic_axes,
     )
-    sess = _session(ort, path)
+    sess = _session(path)
     cases = [dict(batch=1), dict(batch=2, text_len=7)]  # batch and text length are dynamic
     if "height" in lm.dynamic_axes["hidden_states"].values():  # SANA: no positional table
         cases.append(dict(batch=1, seq=16))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from loraq_export.errors import UserError
-from loraq_export.models.diffusion import build_from_config, make_diffusion_model, tiny_config
-from loraq_export.sampling import (
+from diffusion_fixtures import tiny_config
+from loraq_export.models.diffusion import build_from_config, make_diffusion_model
+from loraq_export.evaluate.sampling import (
     latent_metrics,
     onnx_denoiser,
     run_sampling_loop,
@@ -16,13 +17,13 @@ from loraq_export.sampling import (
     torch_denoiser,
 )
 
-from loraq_export.validate import ort_session  # noqa: E402
+from graphs.runtime import ort_session  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-CASES = [("pixart-sigma", "pixart"), ("sana-600m", "sana"), ("sana-600m", "sana-dpm")]
+CASES = [("pixart-sigma", "pixart"), ("sana-600m", "sana")]
 
 
-def _session(ort, path):
+def _session(path):
     return ort_session(str(path), threads=1)  # one thread: tiny models on a shared 2-core box
 
 
@@ -33,7 +34,6 @@ def _tiny(name, seed=0):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """name -> (LoadedModel, onnxruntime session of its FP export)."""
-    ort = pytest.importorskip("onnxruntime")
     out = {}
     for name in ("pixart-sigma", "sana-600m"):
         lm = _tiny(name)
@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
             lm.wrapper, lm.make_inputs(), str(path), dynamo=False, opset_version=21,
             input_names=lm.input_names, output_names=lm.output_names, dynamic_axes=lm.dynamic_axes,
         )
-        out[name] = lm, _session(ort, path)
+        out[name] = lm, _session(path)
     return out
 
 
@@ -51,7 +51,6 @@ def test_scheduler_for():
     assert scheduler_for("pixart-sigma").config.prediction_type == "epsilon"
     flow = scheduler_for("sana")
     assert type(flow).__name__ == "FlowMatchEulerDiscreteScheduler" and flow.config.shift == 3.0
-    assert scheduler_for("sana-dpm").config.prediction_type == "flow_prediction"
     with pytest.raises(UserError, match="no scheduler"):
         scheduler_for("unet")
 

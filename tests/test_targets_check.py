@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from graph_fixtures import chain_model, dq_matmul_model, inputs, layer_record, rel_l2, run, single_model
-from graphs.check import check_main, check_model, format_violations, ort_optimized
+from graph_fixtures import chain_model, dq_matmul_model, inputs, layer_spec, rel_l2, run, single_model
+from graphs.check import check_main, check_model, format_violations
+from graphs.runtime import ort_optimized
 from graphs.passes import DEFAULT_PASSES, apply_passes
 from graphs.targets import TargetError, legalize
 from graphs.targets.tensorrt import synthetic_inputs
@@ -75,7 +76,7 @@ def test_ort_refuses_what_it_cannot_fix():
 
 def test_ort_legalize_quantized_recipes():
     for kw in (dict(main_act=8, branch="w4a8"), dict(main_act=4, branch="w4a4"), dict(branch="w8a8")):
-        before = chain_model([layer_record(128, 64, 16, **kw), layer_record(64, 128, 16, seed=1, **kw)])
+        before = chain_model([layer_spec(128, 64, 16, **kw), layer_spec(64, 128, 16, seed=1, **kw)])
         for m in (before, apply_passes(before, DEFAULT_PASSES)):
             after = legalize(m, "ort")
             assert check_model(after, "ort") == []
@@ -147,7 +148,7 @@ def test_tensorrt_conversion_when_asked():
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_tensorrt_deployable_recipe_with_calibration(fuse):
-    model = chain_model([layer_record(128, 64, 16, branch="w8a8"), layer_record(64, 128, 16, branch="w8a8", seed=1)])
+    model = chain_model([layer_spec(128, 64, 16, branch="w8a8"), layer_spec(64, 128, 16, branch="w8a8", seed=1)])
     if fuse:
         model = apply_passes(model, DEFAULT_PASSES)
     report = {}
@@ -194,8 +195,8 @@ def test_ort_lowering_needs_no_shape_inference():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_ort_quantized_gemm_output_blocks_matmulnbits_and_legalize_fixes_it_exactly(bits):
     # layer 0 has no bias, so its GEMM output goes straight into layer 1's activation quantizer
-    model = chain_model([layer_record(128, 64, 0, bias=False),
-                         layer_record(64, 128, 16, main_act=bits, branch=f"w4a{bits}", seed=1)])
+    model = chain_model([layer_spec(128, 64, 0, bias=False),
+                         layer_spec(64, 128, 16, main_act=bits, branch=f"w4a{bits}", seed=1)])
     assert {"ort-output-q", "ort-matmulnbits"} <= rules(model, "ort")
     out = legalize(model, "ort")
     assert check_model(out, "ort") == []

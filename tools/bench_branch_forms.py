@@ -22,8 +22,10 @@ import time
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_fusion import session  # noqa: E402
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
+from docs_section import publish  # noqa: E402
+from graphs.constants import OPSET  # noqa: E402
+from graphs.runtime import ort_session  # noqa: E402
 
 M = 1024
 
@@ -62,7 +64,7 @@ class Builder:
     def model(self, k: int):
         g = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, M, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], self.inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
 
 
 def build(form: str, k: int, n: int, r: int):
@@ -96,9 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
     p.add_argument("--rounds", type=int, default=31)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write-docs", action="store_true", help="also write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     keys = [("base", 0)] + [(f, r) for r in args.ranks for f in FORMS]
-    sessions = {key: session(build(key[0], args.k, args.n, key[1]), args.threads) for key in keys}
+    sessions = {key: ort_session(build(key[0], args.k, args.n, key[1]), accuracy_level=4, threads=args.threads,
+                                 spinning=False) for key in keys}
     x = np.random.default_rng(1).standard_normal((1, M, args.k)).astype(np.float32)
     times = {key: [] for key in keys}
     for s in sessions.values():
@@ -109,10 +113,12 @@ def main(argv=None) -> int:
             sessions[key].run(None, {"x": x})
             times[key].append(time.perf_counter() - t0)
     base = np.asarray(times[("base", 0)])
+    rows = ["| layer | form | median ms | vs W4 main only |", "|---|---|---:|---:|"]
     for (form, r), t in times.items():
         t = np.asarray(t)
         label = form if not r else f"{form} r{r}"
-        print(f"{args.k}x{args.n} {label:20s} {np.median(t) * 1e3:7.2f} ms  {100 * (np.median(t / base) - 1):+5.1f}%")
+        rows.append(f"| {args.k}x{args.n} | {label} | {np.median(t) * 1e3:.2f} | {100 * (np.median(t / base) - 1):+.1f}% |")
+    publish("\n".join(rows), f"bench_branch_forms-{args.k}x{args.n}" if args.write_docs else None)
     return 0
 
 

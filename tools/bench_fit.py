@@ -12,6 +12,7 @@ number of worker processes. Every number comes from this run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -19,9 +20,13 @@ from collections import defaultdict
 
 import torch
 
-from loraq_export.fitting import default_workers, fit_layers, plan_layers
-from loraq_export.models import load_model
-from loraq_export.recipes import load_recipe
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
+
+from docs_section import publish  # noqa: E402
+from loraq_export.fit.parallel import default_workers, fit_layers  # noqa: E402
+from loraq_export.fit.plan import plan_layers  # noqa: E402
+from loraq_export.fit.recipes import load_recipe  # noqa: E402
+from loraq_export.models import load_model  # noqa: E402
 
 
 def svd_seconds(w: torch.Tensor, repeats: int = 3) -> float:
@@ -40,18 +45,19 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default=None)
     ap.add_argument("--method", default="loraq")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--write-docs", action="store_true", help="also write the result into docs/benchmarks.md")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.num_layers)
     recipe = load_recipe(args.recipe, args.method)
-    plans = plan_layers(loaded, recipe)
+    plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     load_s = time.perf_counter() - t0
     workers = args.workers or default_workers()
     print(f"model {args.model} ({sum(p.quantize for p in plans)} layers to fit), recipe {recipe.name}, "
           f"method {recipe.method}, {workers} worker processes, torch {torch.__version__}", flush=True)
     t1 = time.perf_counter()
-    records = fit_layers(loaded, plans, recipe.method, workers=workers, progress=True)
+    records = fit_layers(loaded.module, plans, recipe.method, workers=workers, progress=True)
     wall = time.perf_counter() - t1
 
     by_shape = defaultdict(list)
@@ -60,16 +66,17 @@ def main(argv=None) -> int:
             by_shape[(p.in_features, p.out_features)].append(records[p.name].stats["seconds"])
     mods = dict(loaded.module.named_modules())
     torch.set_num_threads(1)  # the fits run single-threaded: compare like with like
-    print("\n| layer (in x out) | layers | LoRaQ s/layer (median) | one SVD s (1 thread) | LoRaQ / SVD |")
-    print("|---|---|---|---|---|")
+    lines = ["| layer (in x out) | layers | LoRaQ s/layer (median) | one SVD s (1 thread) | LoRaQ / SVD |",
+             "|---|---|---|---|---|"]
     for shape, secs in sorted(by_shape.items()):
         name = next(p.name for p in plans if p.quantize and (p.in_features, p.out_features) == shape)
         svd = svd_seconds(mods[name].weight.detach().float())
         med = statistics.median(secs)
-        print(f"| {shape[0]} x {shape[1]} | {len(secs)} | {med:.2f} | {svd:.2f} | {med / svd:.2f} |")
+        lines.append(f"| {shape[0]} x {shape[1]} | {len(secs)} | {med:.2f} | {svd:.2f} | {med / svd:.2f} |")
     errs = [r.stats["rel_error"] for r in records.values()]
-    print(f"\nfit wall time: {wall:.1f} s ({wall / 60:.2f} min) for {len(records)} layers with {workers} processes; "
-          f"model build/load {load_s:.1f} s; mean relative weight error {sum(errs) / len(errs):.4f}")
+    lines += ["", f"fit wall time: {wall:.1f} s ({wall / 60:.2f} min) for {len(records)} layers with {workers} processes; "
+                  f"model build/load {load_s:.1f} s; mean relative weight error {sum(errs) / len(errs):.4f}"]
+    publish("\n".join(lines), f"bench_fit-{args.model}" if args.write_docs else None)
     return 0
 
 

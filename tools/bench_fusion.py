@@ -23,27 +23,34 @@ import time
 
 import numpy as np
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
 
-from graph_fixtures import chain_model, fp32_chain, layer_record  # noqa: E402
-from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, apply_passes  # noqa: E402
+import onnx_graphsurgeon as gs  # noqa: E402
+
+from docs_section import publish  # noqa: E402
+from graphs.nodes import quiet  # noqa: E402
+from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, apply_passes, run_passes, to_model  # noqa: E402
+from graphs.passes.fold_up import fold_up  # noqa: E402
+from graphs.runtime import ort_session  # noqa: E402
+from graphs.synthetic import chain_model, fp32_chain, layer_spec  # noqa: E402
 from graphs.targets import legalize  # noqa: E402
 
 PIXART = [(1152, 1152), (1152, 4608), (4608, 1152)]
-FORMS = {"fold_up on all layers": ["share_act_quant", "fold_up_all", "cleanup"],
-         "fuse_down only": ["share_act_quant", "fuse_down", "cleanup"],
+FORMS = {"fuse_down only": ["share_act_quant", "fuse_down", "cleanup"],
          "bias_first only": ["share_act_quant", "bias_first", "cleanup"]}
 
 
 def session(model, threads: int, accuracy_level: int = 4, spin: bool = False):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(model, accuracy_level=accuracy_level, threads=threads, spinning=spin)
+
+
+def fold_up_everywhere(model):
+    """fold_up on every layer it can take, K > N included (the default leaves those to fuse_down)."""
+    with quiet():
+        graph = run_passes(gs.import_onnx(model), ["share_act_quant"])
+        fold_up(graph, max_k_over_n=None)
+        graph = run_passes(graph, ["cleanup"])
+    return to_model(graph, model)
 
 
 def build(args) -> dict:
@@ -51,7 +58,7 @@ def build(args) -> dict:
     widths = [shapes[0][0]] + [n for _, n in shapes]
 
     def chain(rank):
-        return chain_model([layer_record(k, n, rank, branch=args.branch, block=args.group, seed=i)
+        return chain_model([layer_spec(k, n, rank, branch=args.branch, block=args.group, seed=i)
                             for i, (k, n) in enumerate(shapes)])
 
     models = {"FP32": fp32_chain(widths), "W4 main only": legalize(chain(0), "ort")}
@@ -60,6 +67,7 @@ def build(args) -> dict:
         models[f"W4 + r{r} branch, unfused"] = legalize(apply_passes(plain, NO_FUSE_PASSES), "ort")
         models[f"W4 + r{r} branch, fused"] = legalize(apply_passes(plain, DEFAULT_PASSES), "ort")
         if args.forms:
+            models[f"W4 + r{r} branch, fold_up on all layers"] = legalize(fold_up_everywhere(plain), "ort")
             for form, passes in FORMS.items():
                 models[f"W4 + r{r} branch, {form}"] = legalize(apply_passes(plain, passes), "ort")
     return models
@@ -137,20 +145,20 @@ def main(argv=None) -> int:
                    "seconds for the other processes on the machine to go idle (0: never wait)")
     p.add_argument("--spin", action="store_true", help="let ORT's intra-op threads spin (default off: on a "
                    "shared machine spinning threads fight other processes and the timings scatter)")
+    p.add_argument("--write-docs", action="store_true", help="also write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     import onnxruntime as ort
     load0 = os.getloadavg()[0]
     t0 = time.time()
     models = build(args)
     times, cpu, outs = measure(models, args)
-    print(f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads (spinning {'on' if args.spin else 'off'}), MatMulNBits accuracy_level 4 (int8 "
-          f"compute in the kernel, for speed); {args.layers} PixArt-Sigma-shaped layers, {args.tokens} tokens, "
-          f"W4A16 main g{args.group}, {args.branch} branch; median of {args.repeats} interleaved rounds, paired ratios; "
-          f"load average {load0:.2f} -> {os.getloadavg()[0]:.2f}, {args.busy_rounds} round(s) started with "
-          f"other processes busy; {time.time() - t0:.0f} s\n")
-    print(table(times, cpu))
+    lines = [f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads (spinning {'on' if args.spin else 'off'}), "
+             f"MatMulNBits accuracy_level 4 (int8 compute in the kernel, for speed); {args.layers} PixArt-Sigma-shaped "
+             f"layers, {args.tokens} tokens, W4A16 main g{args.group}, {args.branch} branch; median of {args.repeats} "
+             f"interleaved rounds, paired ratios; load average {load0:.2f} -> {os.getloadavg()[0]:.2f}, "
+             f"{args.busy_rounds} round(s) started with other processes busy; {time.time() - t0:.0f} s", "",
+             table(times, cpu), ""]
     x = np.random.default_rng(0).standard_normal((1, args.tokens, PIXART[0][0])).astype(np.float32)
-    print()
     for r in args.ranks:
         unfused, fused = models[f"W4 + r{r} branch, unfused"], models[f"W4 + r{r} branch, fused"]
         ref = session(unfused, args.threads, accuracy_level=0).run(None, {"x": x})[0]
@@ -158,8 +166,9 @@ def main(argv=None) -> int:
         rel = {k: float(np.linalg.norm(v - ref) / np.linalg.norm(ref)) for k, v in
                (("fused, accuracy_level 0", exact), ("unfused, accuracy_level 4", outs[f"W4 + r{r} branch, unfused"]),
                 ("fused, accuracy_level 4", outs[f"W4 + r{r} branch, fused"]))}
-        print(f"rank {r}: rel L2 vs the unfused graph at accuracy_level 0: "
-              + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()))
+        lines.append(f"rank {r}: rel L2 vs the unfused graph at accuracy_level 0: "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()))
+    publish("\n".join(lines), f"bench_fusion-{args.branch}" if args.write_docs else None)
     return 0
 
 

@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tolerance-mb", type=float, default=100.0)
     args = ap.parse_args(argv)
 
-    from loraq_export.pipeline import Options, run_export
-    from loraq_export.quantize import run_quantize
+    from loraq_export.commands.export import run_export
+    from loraq_export.options import Options
+    from loraq_export.commands.quantize import run_quantize
 
     rows = []
     base = retained_mb()

@@ -1,51 +1,82 @@
-"""Methods registered by name. A method is a function (w, spec, act_stats, seed) -> QuantizedLinear
-where ``w`` is the float weight in (in, out) layout. Adding a method is one new module here
-that calls ``register_method``, plus its import below."""
+"""Methods registered by name, each with a typed options dataclass.
+
+A method is a function ``(w, spec, seed) -> LayerRecord`` where ``w`` is the float weight in
+(in, out) layout and ``spec.options`` an instance of the options class it registered. Adding a
+method is one new module here that calls ``register_method``, plus its import at the bottom.
+Options come from users as a mapping (recipe files: ``options: {steps: 100}``) and are read by
+``method_options``: an unknown key or a value of the wrong type is one clear error, never ignored.
+"""
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from calibless.config import ConfigError, from_dict
 from calibless.formats import FitSpec
-from calibless.record import QuantizedLinear, relative_error
-
-METHODS: dict[str, Callable] = {}
-BRANCH_METHODS: set[str] = set()  # methods that produce a low-rank branch
+from calibless.record import LayerRecord, relative_error
 
 
-def register_method(name: str, uses_branch: bool = False):
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that takes none."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fit: Callable[..., LayerRecord]
+    options: type
+    uses_branch: bool  # fits a low-rank branch (the recipe must give a rank and branch format)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, options: type = NoOptions, uses_branch: bool = False):
     def deco(fn):
-        METHODS[name] = fn
-        if uses_branch:
-            BRANCH_METHODS.add(name)
+        METHODS[name] = Method(name, fn, options, uses_branch)
         return fn
     return deco
 
 
-def get_method(name: str) -> Callable:
+def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
-def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, act_stats: Optional[torch.Tensor] = None, seed: int = 0) -> QuantizedLinear:
+def method_options(name: str, raw: Optional[dict] = None):
+    """The typed options of method ``name`` from a user's mapping (None: the defaults)."""
+    method = get_method(name)
+    try:
+        return from_dict(method.options, dict(raw or {}), f"options of method {name!r}")
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0) -> LayerRecord:
     """Fit one layer and record the method, time and relative weight error in ``stats``."""
-    fn = get_method(method)
+    m = get_method(method)
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values")
-    if method in BRANCH_METHODS and (spec.branch is None or spec.rank < 1):
+    if spec.options is None:
+        spec = replace(spec, options=m.options())
+    elif not isinstance(spec.options, m.options):
+        raise ValueError(f"method {method!r} takes {m.options.__name__}, got {type(spec.options).__name__}")
+    if m.uses_branch and (spec.branch is None or spec.rank < 1):
         raise ValueError(f"method {method!r} fits a low-rank branch: give the recipe a rank and branch format, e.g. -r32-w8a8")
-    r = spec.rank if method in BRANCH_METHODS else 0
+    r = spec.rank if m.uses_branch else 0
     if r > min(w.shape):
         raise ValueError(f"rank {r} is larger than min(in, out) = {min(w.shape)}")
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            q = fn(w, spec, act_stats=act_stats, seed=seed)
+            q = m.fit(w, spec, seed=seed)
     except torch.linalg.LinAlgError as e:  # e.g. an SVD overflowing float32 on huge weights
         raise ValueError(f"method {method!r} failed on this layer ({str(e).splitlines()[0]}), max |w| = "
                          f"{float(w.abs().max()):.3g}; check the weights or use --method rtn") from None

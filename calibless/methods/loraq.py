@@ -7,7 +7,7 @@ Objective: the relative Frobenius error of what is deployed,
 over the branch factors A, B and the main per-block scales s.
 
 Why not a straight-through estimator over the whole main quantizer: then Q(W - AB) ~ W - AB
-and the two AB terms cancel, so A and B get no gradient (see docs/methods.md). Here the
+and the two AB terms cancel, so A and B get no gradient (README, "LoRaQ"). Here the
 codes are re-rounded from the current residual at every step and treated as constants in the
 backward pass, which is the true derivative of the piecewise-constant rounding almost
 everywhere: A and B then descend on the error that the current codes leave, s descends like a
@@ -20,13 +20,24 @@ scale wastes grid levels on one outlier).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from calibless.formats import WeightFormat
 from calibless.methods import register_method
 from calibless.methods.svdquant import alternate
 from calibless.quant import choose_qparams, fake_quant_weight
-from calibless.record import Branch, QTensor, QuantizedLinear, down_format, up_format
+from calibless.record import Branch, LayerRecord, QTensor, down_format, up_format
+
+
+
+@dataclass(frozen=True)
+class LoraqOptions:
+    init_iters: int = 4  # alternating "quantize residual / SVD" iterations of the initialisation
+    steps: int = 80  # gradient steps after it (0: the alternating solution with clipping search)
+    lr: float = 0.1  # Adam learning rate, relative to each parameter's RMS
+
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
@@ -140,13 +151,12 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     return best
 
 
-@register_method("loraq", uses_branch=True)
-def fit_loraq(w, spec, act_stats=None, seed=0):
-    fmt = spec.main.weight
-    main, a, b, _ = alternate(w, spec, _ClipSearch(fmt), spec.option("init_iters", 4), seed)
-    steps = spec.option("steps", 80)
-    if steps > 0:
-        _, main, br, a, b = refine(w, main, a, b, spec, steps, spec.option("lr", 0.1))
+@register_method("loraq", options=LoraqOptions, uses_branch=True)
+def fit_loraq(w, spec, seed=0):
+    opts = spec.options
+    main, a, b, _ = alternate(w, spec, _ClipSearch(spec.main.weight), opts.init_iters, seed)
+    if opts.steps > 0:
+        _, main, br, a, b = refine(w, main, a, b, spec, opts.steps, opts.lr)
     else:
         _, main, br = _deployed(w, main.scale, a, b, spec)
-    return QuantizedLinear(main, spec.main, br)
+    return LayerRecord(main, spec.main, br)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.passes.common import quiet
+from graphs.nodes import quiet
 
 GraphPass = Callable[[gs.Graph], gs.Graph]
 PASSES: dict[str, GraphPass] = {}

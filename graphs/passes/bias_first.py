@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphs.passes import register_pass
-from graphs.passes.common import producer, weight_dq
+from graphs.nodes import producer, weight_dq
 
 
 def _main_matmul(t) -> bool:

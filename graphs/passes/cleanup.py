@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphs.passes import register_pass
-from graphs.passes.common import attr, const_key, detach, is_graph_output, log, producer, quiet, replace_uses
+from graphs.nodes import attr, const_key, detach, is_graph_output, log, producer, quiet, replace_uses
 
 
 def _same_input(a, b) -> bool:

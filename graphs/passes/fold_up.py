@@ -26,7 +26,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphs.passes import register_pass
-from graphs.passes.common import BLOCK_SIZES, detach, fusable, producer, weight_base, weight_dq, write_weight_dq
+from graphs.constants import MATMULNBITS_BLOCK_SIZES
+from graphs.nodes import detach, fusable, producer, weight_dq
+from graphs.tensors import QuantizedWeight, weight_base, write_weight_dq
 
 # ORT 1.32's MatMulNBits is ~15% slower when K is not a multiple of 64 (measured: K = 1184 vs
 # 1152 and 1216, N = 4608): the fused K is padded up with rows that dequantize to 0, fed with
@@ -34,23 +36,24 @@ from graphs.passes.common import BLOCK_SIZES, detach, fusable, producer, weight_
 PAD_K_TO = 64
 
 
-def stack_rows(ws: list) -> Optional[tuple]:
-    """(codes, scale, zero_point, block) of the row-wise concatenation of ``ws``, or None."""
-    for b in BLOCK_SIZES:
+def stack_rows(ws: list) -> Optional[QuantizedWeight]:
+    """The row-wise concatenation of ``ws`` as one quantized weight, or None."""
+    for b in MATMULNBITS_BLOCK_SIZES:
         offsets = np.cumsum([0] + [w.k for w in ws[:-1]])
         parts = [w.block_scale(b, int(o)) for w, o in zip(ws, offsets)]
         if all(p is not None for p in parts):
             scale = np.concatenate([p[0] for p in parts], axis=0)
             zp = None if parts[0][1] is None else np.concatenate([p[1] for p in parts], axis=0)
-            return np.concatenate([w.codes for w in ws], axis=0), scale, zp, b
+            return QuantizedWeight(np.concatenate([w.codes for w in ws], axis=0), scale, zp, b)
     return None
 
 
-def pad_rows(codes, scale, zp, block: int, pad: int) -> tuple:
+def pad_rows(w: QuantizedWeight, pad: int) -> QuantizedWeight:
     """``pad`` more rows that dequantize to exactly 0 (code = zero point), in the last block or
     in new blocks with the last block's scale."""
     if not pad:
-        return codes, scale, zp
+        return w
+    codes, scale, zp, block = w.codes, w.scale, w.zero_point, w.block
     k = codes.shape[0] + pad
     rows = -(-k // block)
     scale = np.concatenate([scale, np.repeat(scale[-1:], rows - scale.shape[0], axis=0)], axis=0)
@@ -59,7 +62,7 @@ def pad_rows(codes, scale, zp, block: int, pad: int) -> tuple:
         fill = zp[np.arange(codes.shape[0], k) // block]
     else:
         fill = np.zeros((pad, codes.shape[1]), codes.dtype)
-    return np.concatenate([codes, fill.astype(codes.dtype)], axis=0), scale, zp
+    return QuantizedWeight(np.concatenate([codes, fill.astype(codes.dtype)], axis=0), scale, zp, block)
 
 
 def _repeat_columns(graph: gs.Graph, base: str, h, width: int, pad: int) -> list:
@@ -114,11 +117,9 @@ def fold_one(graph: gs.Graph, add: gs.Node, max_k_over_n: Optional[float] = 1.0)
     stacked = stack_rows([w0, w1])
     if stacked is None:
         return False
-    codes, scale, zp, block = stacked
     base = weight_base(w0.name) + "_up"
-    pad = -codes.shape[0] % max(block, PAD_K_TO)
-    codes, scale, zp = pad_rows(codes, scale, zp, block, pad)
-    wq = write_weight_dq(graph, base, codes, scale, zp, block)
+    pad = -stacked.k % max(stacked.block, PAD_K_TO)
+    wq = write_weight_dq(graph, base, pad_rows(stacked, pad))
     cat = gs.Variable(f"{base}/concat", dtype=np.float32)
     pieces = [m0.inputs[0], m1.inputs[0]] + _repeat_columns(graph, base, m1.inputs[0], w1.k, pad)
     graph.nodes.append(gs.Node("Concat", f"{base}/Concat", {"axis": -1}, pieces, [cat]))
@@ -130,17 +131,9 @@ def fold_one(graph: gs.Graph, add: gs.Node, max_k_over_n: Optional[float] = 1.0)
 
 
 @register_pass("fold_up")
-def fold_up(graph: gs.Graph) -> gs.Graph:
+def fold_up(graph: gs.Graph, max_k_over_n: Optional[float] = 1.0) -> gs.Graph:
+    """Fold every layer it can take; ``max_k_over_n`` None: K > N layers too (for comparisons)."""
     for node in list(graph.nodes):
-        fold_one(graph, node)
-    graph.cleanup()
-    return graph
-
-
-@register_pass("fold_up_all")
-def fold_up_all(graph: gs.Graph) -> gs.Graph:
-    """fold_up on every layer it can take, K > N included (for comparison)."""
-    for node in list(graph.nodes):
-        fold_one(graph, node, max_k_over_n=None)
+        fold_one(graph, node, max_k_over_n)
     graph.cleanup()
     return graph

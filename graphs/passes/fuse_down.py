@@ -20,23 +20,25 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphs.passes import register_pass
-from graphs.passes.common import BLOCK_SIZES, const_array, detach, fusable, weight_base, weight_dq, write_weight_dq
+from graphs.constants import MAIN_WEIGHT_SUFFIX, MATMULNBITS_BLOCK_SIZES
+from graphs.nodes import detach, fusable, weight_dq
+from graphs.tensors import QuantizedWeight, const_array, weight_base, write_weight_dq
 
 
-def stack_columns(ws: list) -> Optional[tuple]:
-    """(codes, scale, zero_point, block) of the column-wise concatenation of ``ws``, or None."""
+def stack_columns(ws: list) -> Optional[QuantizedWeight]:
+    """The column-wise concatenation of ``ws`` as one quantized weight, or None."""
     if len({w.k for w in ws}) != 1:
         return None
     if all(w.per_channel for w in ws):
         candidates = [ws[0].k]
     else:
-        candidates = BLOCK_SIZES
+        candidates = MATMULNBITS_BLOCK_SIZES
     for b in candidates:
         parts = [w.block_scale(b) for w in ws]
         if all(p is not None for p in parts):
             scale = np.concatenate([p[0] for p in parts], axis=1)
             zp = None if parts[0][1] is None else np.concatenate([p[1] for p in parts], axis=1)
-            return np.concatenate([w.codes for w in ws], axis=1), scale, zp, b
+            return QuantizedWeight(np.concatenate([w.codes for w in ws], axis=1), scale, zp, b)
     return None
 
 
@@ -50,7 +52,7 @@ def fuse_at(graph: gs.Graph, x: gs.Tensor) -> bool:
                 users.append((node, w))
     if len(users) < 2:
         return False
-    users.sort(key=lambda u: (not u[1].name.endswith(".weight_q"), -u[1].n))  # main weight first
+    users.sort(key=lambda u: (not u[1].name.endswith(MAIN_WEIGHT_SUFFIX), -u[1].n))  # main weight first
     groups = {}
     for u in users:
         groups.setdefault((str(u[1].dtype), u[1].zero_point is None, u[1].k), []).append(u)
@@ -60,9 +62,8 @@ def fuse_at(graph: gs.Graph, x: gs.Tensor) -> bool:
         stacked = stack_columns(ws) if len(group) > 1 and fusable(ws) else None
         if stacked is None:
             continue
-        codes, scale, zp, block = stacked
         base = weight_base(ws[0].name) + "_down"
-        wq = write_weight_dq(graph, base, codes, scale, zp, block)
+        wq = write_weight_dq(graph, base, stacked)
         y = gs.Variable(f"{base}/matmul", dtype=np.float32)
         graph.nodes.append(gs.Node("MatMul", f"{base}/MatMul", {}, [x, wq], [y]))
         outs = [mm.outputs[0] for mm, _ in group]

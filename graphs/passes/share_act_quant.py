@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphs.passes import register_pass
-from graphs.passes.common import const_key, is_graph_output, replace_uses
+from graphs.nodes import const_key, detach, is_graph_output, replace_uses
 
 IMPURE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
           "Bernoulli", "Dropout", "If", "Loop", "Scan"}
@@ -54,8 +54,7 @@ def eliminate_common(graph: gs.Graph) -> int:
             continue
         for old, new in zip(node.outputs, keep.outputs):
             replace_uses(graph, old, new)
-        node.inputs.clear()
-        node.outputs.clear()
+        detach(node)
         removed += 1
     graph.cleanup()
     return removed

@@ -23,22 +23,21 @@ blocks along N, non-constant weights) stays a violation and raises TargetError.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from graphs.onnx_tensors import constant
-from graphs.passes.common import (BRANCH_SUFFIXES, INT4_TYPES, attr, const_array, detach, producer, replace_uses,
-                                  weight_base, weight_dq, write_weight_dq)
-
-GEMMS = ("MatMul", "Gemm")
+from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES
+from graphs.nodes import attr, detach, producer, replace_uses, weight_dq
+from graphs.tensors import const_array, constant, weight_base, write_weight_dq
 
 # Skinny GEMMs (one dim = the branch rank) run faster as ORT's fp32 MatMul over the dequantized
-# factor than as MatMulNBits, whose int8 kernel is tiled for wide matrices. Measured on ORT 1.32
-# CPU, 2 threads, M = 1024 (ms, MatMulNBits g64 accuracy_level 4 vs fp32): x @ A, K = 1152:
-# N = 32 0.97 vs 0.60, N = 64 1.25 vs 0.99, N = 128 2.67 vs 2.85; h @ B, N = 4608: K = 32
-# 5.0 vs 2.3, K = 64 6.5 vs 3.7, K = 128 13.3 vs 11.2; K = 256, N = 1152: 5.45 vs 5.80.
+# factor than as MatMulNBits, whose int8 kernel is tiled for wide matrices: up to rank 64 on
+# ONNX Runtime 1.32's CPU provider (the per-op timings: docs/benchmarks.md, "Branch factor
+# GEMMs", from tools/bench_branch_forms.py).
 FP32_FACTOR_MAX_RANK = 64
 
 
@@ -116,8 +115,7 @@ def lower_activation_dq(graph: gs.Graph) -> int:
             nodes += [gs.Node("Cast", f"{base}/CastZp", {"to": TensorProto.FLOAT}, [zp], [z]),
                       gs.Node("Sub", f"{base}/Sub", {}, [c, z], [c2])]
             c = c2
-        dq.inputs.clear()
-        dq.outputs.clear()
+        detach(dq)
         nodes.append(gs.Node("Mul", f"{base}/Mul", {}, [c, s], [out]))
         graph.nodes.extend(nodes)
         n += 1
@@ -129,7 +127,7 @@ def _main_gemm_output(t) -> bool:
     if mm is None or mm.op not in GEMMS or len(mm.inputs) < 2:
         return False
     w = weight_dq(mm.inputs[1])
-    return w is not None and w.dtype in INT4_TYPES and not w.name.endswith((".down_q", ".up_q"))
+    return w is not None and w.dtype in INT4_TYPES and not w.name.endswith(BRANCH_SUFFIXES)
 
 
 def lower_output_quantizer(graph: gs.Graph) -> int:
@@ -152,11 +150,9 @@ def lower_output_quantizer(graph: gs.Graph) -> int:
                         gs.Node("Clip", f"{base}/Clip", {}, [v["round"], lo, hi], [v["clip"]])]
         for d in dqs:
             out = d.outputs[0]
-            d.inputs.clear()
-            d.outputs.clear()
+            detach(d)
             graph.nodes.append(gs.Node("Mul", f"{d.name}/Mul", {}, [v["clip"], s], [out]))
-        q.inputs.clear()
-        q.outputs.clear()
+        detach(q)
         n += 1
     return n
 
@@ -202,8 +198,8 @@ def factors_as_fp32_gemms(graph: gs.Graph, max_rank: int = FP32_FACTOR_MAX_RANK)
         # Blocked along axis 1 even when per channel (one block spanning K): ORT's transpose
         # optimizer pushes a Transpose through a per-axis DQ (and the DQ then fuses into
         # MatMulNBits again) but not through a blocked one.
-        new = write_weight_dq(graph, weight_base(w.name), w.codes, w.scale, w.zero_point,
-                              min(w.block, w.k), transposed=True)
+        w.block = min(w.block, w.k)
+        new = write_weight_dq(graph, weight_base(w.name), w, transposed=True)
         replace_uses(graph, dq.outputs[0], new)
         detach(dq)
         n += 1
@@ -223,10 +219,10 @@ def legalize_graph(graph: gs.Graph) -> dict:
 
 
 def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: dict = None, **_) -> onnx.ModelProto:
-    from graphs.passes import apply_passes, to_model
-    from graphs.passes.common import quiet
-    from graphs.targets import TargetError, ALTERNATIVES
     from graphs.check import check_model
+    from graphs.nodes import quiet
+    from graphs.passes import apply_passes, to_model
+    from graphs.targets import ALTERNATIVES, TargetError
     with quiet():
         # no Identity hides a GEMM's consumers; shapes tell which DQs broadcast
         graph = gs.import_onnx(apply_passes(model, ["remove_redundant_qdq", "cleanup"]))
@@ -234,7 +230,7 @@ def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: dic
     out = apply_passes(to_model(graph, model), ["cleanup"])
     violations = check_model(out, "ort")
     if report is not None:
-        report.update({"target": "ort", "rewrites": done, "violations": [v.to_dict() for v in violations]})
+        report.update({"target": "ort", "rewrites": done, "violations": [asdict(v) for v in violations]})
     if violations:
         v = violations[0]
         raise TargetError(f"not deployable on ONNX Runtime as MatMulNBits: {len(violations)} violation(s), first "

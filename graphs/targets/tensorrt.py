@@ -1,4 +1,4 @@
-"""TensorRT legalizer (docs/deploy.md): INT4 for weights only, symmetric, constant positive
+"""TensorRT legalizer (docs/deployment.md, "TensorRT"): INT4 for weights only, symmetric, constant positive
 scales, per-tensor INT8 activations, block quantization for INT4 weights only, no Cast between a
 weight DQ and its GEMM.
 
@@ -17,6 +17,7 @@ Always done, and recorded in the report:
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
@@ -24,13 +25,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from graphs.onnx_tensors import constant
-from graphs.passes.common import (INT4_TYPES, attr, const_array, detach, producer, quiet, replace_uses,
-                                  weight_dq, write_weight_dq)
+from graphs.constants import ACT_SCALE_EPS, CALIBRATION_BATCHES, GEMMS, INT4_TYPES
+from graphs.nodes import attr, detach, producer, quiet, replace_uses, weight_dq
+from graphs.runtime import ort_session, with_outputs
+from graphs.tensors import QuantizedWeight, const_array, constant, weight_base, write_weight_dq
 
-GEMMS = ("MatMul", "Gemm")
-ACT_SCALE_EPS = 1e-8
-CALIBRATION_BATCHES = 4
 DEFAULT_DIM = 64  # symbolic dims other than the first (batch = 1) in synthetic calibration inputs
 
 
@@ -116,17 +115,7 @@ def synthetic_inputs(model: onnx.ModelProto, n: int = CALIBRATION_BATCHES, seed:
 
 def calibrate(model: onnx.ModelProto, tensors: list, feeds: list) -> dict:
     """amax of each named tensor over all ``feeds`` (ONNX Runtime, CPU, reference accuracy)."""
-    import onnxruntime as ort
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(with_outputs(model, tensors))
     names = [o.name for o in sess.get_outputs()]
     amax = dict.fromkeys(tensors, 0.0)
     for feed in feeds:
@@ -181,11 +170,11 @@ def fix_weights(graph: gs.Graph) -> list:
         w = weight_dq(dq.outputs[0])
         if w is None or w.zero_point is not None:
             continue
-        base = f"{w.name[:-2] if w.name.endswith('_q') else w.name}_trt"
+        base = f"{weight_base(w.name)}_trt"
         if w.dtype in INT4_TYPES and w.per_channel:
             b = next((b for b in (128, 64, 32, 16) if w.k % b == 0), w.k)
             scale, _ = w.block_scale(b)
-            new = write_weight_dq(graph, base, w.codes, scale, None, b, blocked=True)
+            new = write_weight_dq(graph, base, QuantizedWeight(w.codes, scale, None, b), blocked=True)
             done.append(f"{dq.name}: INT4 per-channel weight written blocked (block {b}, exact)")
         elif w.dtype == np.int8 and not w.per_channel:
             deq = w.codes.astype(np.float32) * np.repeat(w.scale, w.block, axis=0)[: w.k]
@@ -193,7 +182,7 @@ def fix_weights(graph: gs.Graph) -> list:
             scale = np.maximum(np.abs(deq).max(axis=0, keepdims=True) / qmax, 1e-12).astype(np.float32)
             codes = np.clip(np.round(deq / scale), -qmax - 1, qmax).astype(np.int8)
             change = float(np.abs(codes * scale - deq).max() / max(np.abs(deq).max(), 1e-30))
-            new = write_weight_dq(graph, base, codes, scale, None, w.k)
+            new = write_weight_dq(graph, base, QuantizedWeight(codes, scale, None, w.k))
             done.append(f"{dq.name}: INT8 blocked weight requantized per channel (max change {change:.2e} of max |w|)")
         else:
             continue
@@ -234,7 +223,7 @@ def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: Opt
                               "scales": scales}
     out = apply_passes(to_model(graph, model), ["cleanup"])
     violations = check_model(out, "tensorrt")
-    rep["violations"] = [v.to_dict() for v in violations]
+    rep["violations"] = [asdict(v) for v in violations]
     if report is not None:
         report.update(rep)
     if violations:

@@ -19,7 +19,7 @@ def describe_sources() -> str:
 
 def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, seed: int = 0) -> LoadedModel:
     """Resolve what the user named: None/'minilm', a preset name, or a local folder."""
-    from loraq_export.models import diffusion, minilm
+    from loraq_export.models import diffusion, diffusion_folders, minilm
 
     if model is None or model.lower() in minilm.ALIASES:
         if num_layers is not None:
@@ -31,7 +31,7 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
         module = diffusion.build_preset(model, num_layers=num_layers, seed=seed)
         return diffusion.make_diffusion_model(module, model, {"preset": model, "seed": seed, "num_layers": num_layers})
     path = Path(model)
-    from loraq_export.checkpoint import refuse_checkpoint_as_model
+    from loraq_export.store.checkpoint import refuse_checkpoint_as_model
     from loraq_export.inputs import readable
     if not os.path.lexists(path) and not _stat_denied(path):
         raise UserError(f"model {model!r} not found: pass {describe_sources()}")
@@ -48,7 +48,7 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
             raise UserError(f"{config} is not readable JSON ({e}); re-save the model") from None
         if isinstance(cfg, dict) and "_class_name" not in cfg and "model_type" in cfg:
             return minilm.load_bert(path, path.name)
-    module, source = diffusion.load_diffusers_folder(path)
+    module, source = diffusion_folders.load_diffusers_folder(path)
     return diffusion.make_diffusion_model(module, path.name, source)
 
 

@@ -1,4 +1,4 @@
-"""Published configs of the bundled diffusion-transformer presets, and tiny look-alikes for tests.
+"""Published configs of the bundled diffusion-transformer presets.
 
 Each preset is ``name -> (diffusers class name, constructor kwargs)``. Only keys that the diffusers
 class takes are listed (the published config.json files carry a few legacy keys, e.g.
@@ -89,32 +89,6 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
 }
 
-# Width-reducing overrides that keep each class's structure (for tests: ~50k parameters, fast on CPU).
-_TINY = {
-    "PixArtTransformer2DModel": {
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "num_layers": 1,
-        "cross_attention_dim": 32,
-        "caption_channels": 32,
-        "sample_size": 8,
-        "interpolation_scale": 1,
-    },
-    "SanaTransformer2DModel": {
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "num_layers": 1,
-        "num_cross_attention_heads": 2,
-        "cross_attention_head_dim": 16,
-        "cross_attention_dim": 32,
-        "caption_channels": 32,
-        "in_channels": 8,
-        "out_channels": 8,
-        "sample_size": 8,
-    },
-}
-
-
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -127,10 +101,3 @@ def preset_config(name: str) -> tuple[str, dict]:
         raise UserError(f"unknown diffusion preset {name!r}: choose one of {', '.join(preset_names())}")
     cls_name, config = PRESETS[name]
     return cls_name, copy.deepcopy(config)
-
-
-def tiny_config(name: str) -> tuple[str, dict]:
-    """A small config of the same class as preset ``name`` (same structure, tiny widths, 1 layer)."""
-    cls_name, config = preset_config(name)
-    config.update(_TINY[cls_name])
-    return cls_name, config

@@ -1,4 +1,5 @@
-"""Reading ONNX files a user hands us: one clear line when the file is not what it should be."""
+"""``loraq check MODEL.onnx --target T``: read the file a user hands us (one clear line when it is
+not what it should be), then check it against the target's rules (graphs.check)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,3 +25,9 @@ def load_onnx_for_check(path: Path) -> onnx.ModelProto:
         raise UserError(f"{path} has no quantized layers (no DequantizeLinear or MatMulNBits); "
                         "pass the model.onnx written by loraq export, not model_fp.onnx")
     return model
+
+
+def run_check(path: Path, target: str) -> int:
+    """Print each violation; exit status 0 when the model passes, 1 when not."""
+    from graphs.check import check_main
+    return check_main(load_onnx_for_check(path), target)

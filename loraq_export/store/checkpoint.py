@@ -18,12 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 
-from calibless.formats import BranchFormat, LayerFormat, WeightFormat
-from calibless.packing import pack_int4, unpack_int4
-from calibless.record import Branch, QTensor, QuantizedLinear
 from loraq_export.errors import UserError
+from loraq_export.store.layer_tensors import record_from, record_meta, record_tensors
 
 QUANT_METHOD = "loraq"
 CHECKPOINT_VERSION = 1
@@ -31,85 +28,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
-
-# ---------- one quantized tensor / one layer <-> flat tensors ----------
-
-def _qtensor_tensors(prefix: str, q: QTensor) -> dict[str, torch.Tensor]:
-    codes = q.codes.numpy()
-    packed = torch.from_numpy(pack_int4(codes)) if q.fmt.bits == 4 else q.codes.contiguous().clone()
-    out = {f"{prefix}.qweight": packed, f"{prefix}.wscales": q.scale.contiguous()}
-    if q.zero_point is not None:
-        out[f"{prefix}.wzeros"] = q.zero_point.contiguous()
-    return out
-
-
-def _qtensor_from(prefix: str, t: dict, fmt: WeightFormat, shape: tuple[int, int]) -> QTensor:
-    k, n = shape
-    packed = t[f"{prefix}.qweight"]
-    if fmt.bits == 4:
-        codes = torch.from_numpy(unpack_int4(packed.numpy(), k * n, fmt.symmetric).reshape(k, n).copy())
-    else:
-        codes = packed
-    if tuple(codes.shape) != (k, n):
-        raise ValueError(f"{prefix}.qweight holds shape {tuple(codes.shape)}, config says {(k, n)}")
-    scale = t[f"{prefix}.wscales"].float()
-    if scale.shape[1] != n or k % scale.shape[0]:
-        raise ValueError(f"{prefix}.wscales has shape {tuple(scale.shape)}, not compatible with {(k, n)}")
-    zp = t.get(f"{prefix}.wzeros")
-    if (zp is None) != fmt.symmetric:
-        raise ValueError(f"{prefix}: zero points {'missing' if zp is None else 'present'} for this format")
-    return QTensor(codes.to(torch.int8 if fmt.symmetric else torch.uint8), scale, zp, fmt)
-
-
-def record_tensors(name: str, rec: QuantizedLinear) -> dict[str, torch.Tensor]:
-    out = _qtensor_tensors(name, rec.weight)
-    if rec.branch is not None:
-        for part, f in (("proj_down", rec.branch.down), ("proj_up", rec.branch.up)):
-            if isinstance(f, QTensor):
-                out.update(_qtensor_tensors(f"{name}.{part}", f))
-            else:
-                out[f"{name}.{part}"] = f.contiguous().clone()
-    if rec.smooth is not None:
-        out[f"{name}.smooth"] = rec.smooth.contiguous()
-    return out
-
-
-def record_meta(rec: QuantizedLinear) -> dict:
-    b = rec.branch
-    return {"shape": [rec.in_features, rec.out_features], "format": rec.fmt.to_dict(), "method": rec.method,
-            "branch": None if b is None else {"rank": b.rank, "format": b.fmt.to_dict(),
-                                              "down_format": b.down.fmt.to_dict() if isinstance(b.down, QTensor) else None,
-                                              "up_format": b.up.fmt.to_dict() if isinstance(b.up, QTensor) else None},
-            "smooth": rec.smooth is not None, "act_scales": rec.act_scales,
-            "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
-
-
-def record_from(name: str, t: dict, meta: dict) -> QuantizedLinear:
-    k, n = meta["shape"]
-    fmt = LayerFormat.from_dict(meta["format"])
-    weight = _qtensor_from(name, t, fmt.weight, (k, n))
-    branch = None
-    if meta["branch"] is not None:
-        bm = meta["branch"]
-        bfmt, r = BranchFormat.from_dict(bm["format"]), bm["rank"]
-        factors = []
-        for part, shape, fkey in (("proj_down", (k, r), "down_format"), ("proj_up", (r, n), "up_format")):
-            if bm[fkey] is None:
-                f = t[f"{name}.{part}"]
-                if tuple(f.shape) != shape:
-                    raise ValueError(f"{name}.{part} has shape {tuple(f.shape)}, config says {shape}")
-            else:
-                f = _qtensor_from(f"{name}.{part}", t, WeightFormat.from_dict(bm[fkey]), shape)
-            factors.append(f)
-        branch = Branch(factors[0], factors[1], bfmt)
-    smooth = t.get(f"{name}.smooth") if meta["smooth"] else None
-    if meta["smooth"] and smooth is None:
-        raise ValueError(f"{name}.smooth is missing")
-    return QuantizedLinear(weight, fmt, branch, smooth, dict(meta.get("act_scales") or {}), meta.get("method", ""),
-                           {"rel_error": meta.get("rel_error")})
-
-
-# ---------- whole checkpoints ----------
 
 def model_config(loaded) -> dict:
     cfg = loaded.module.config
@@ -207,11 +125,11 @@ def read_quantization_config(path: Path) -> tuple[dict, dict]:
 def _build_module(config: dict, path: Path):
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     if "_class_name" in cfg:
-        from loraq_export.models.diffusion import SUPPORTED, _diffusers_class
+        from loraq_export.models.diffusion import SUPPORTED, diffusers_class
         cls_name = cfg["_class_name"]
         if cls_name not in SUPPORTED:
             raise UserError(f"checkpoint {path} holds unsupported class {cls_name!r}; supported are {', '.join(SUPPORTED)}")
-        cls = _diffusers_class(cls_name)
+        cls = diffusers_class(cls_name)
         return cls.from_config(cfg)
     if "model_type" in cfg:
         from transformers import AutoConfig, AutoModel
@@ -280,7 +198,7 @@ def _wrap(module, path: Path, config: dict):
 def load_quantized_model(path):
     """The quantized torch model of a checkpoint, ready to run: its Linear layers are replaced
     by QuantLinear modules computing exactly what the exported ONNX computes."""
-    from loraq_export.swap import swap_in
+    from loraq_export.fit.swap import swap_in
     loaded, records, _ = load_checkpoint(Path(path))
     swap_in(loaded.module, records)
     return loaded.module

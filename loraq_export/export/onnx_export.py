@@ -9,13 +9,12 @@ from pathlib import Path
 import onnx
 import torch
 
-from calibless.record import QuantizedLinear
-from graphs.qdq import MARKER_DOMAIN, MARKER_OP, write_qdq
-from loraq_export.graph_records import linear_qdq
+from graphs.constants import OPSET, PLACEHOLDER_DOMAIN
+from graphs.qdq import placeholder_io, write_qdq
+from loraq_export.export.layer_specs import layer_spec
+from loraq_export.fit.swap import LoraqLinear, placeholders
 from loraq_export.models.base import LoadedModel
-from loraq_export.swap import QuantLinear, placeholders
 
-OPSET = 21
 # Protobuf's hard limit is 2 GiB; above this, weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -25,21 +24,14 @@ def _torch_export(loaded: LoadedModel, inputs: tuple, path: Path) -> None:
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
         torch.onnx.export(loaded.wrapper, inputs, str(path), dynamo=False, opset_version=OPSET,
                           input_names=loaded.input_names, output_names=loaded.output_names,
-                          dynamic_axes=loaded.dynamic_axes, custom_opsets={"loraq": 1},
+                          dynamic_axes=loaded.dynamic_axes, custom_opsets={PLACEHOLDER_DOMAIN: 1},
                           do_constant_folding=True)
 
 
-def placeholder_io(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
-    """layer -> (input tensor name, output tensor name) of each placeholder; write_qdq keeps both."""
-    return {layer: (n.input[0], n.output[0]) for layer, n in
-            ((n.attribute[0].s.decode(), n) for n in model.graph.node
-             if n.domain == MARKER_DOMAIN and n.op_type == MARKER_OP)}
-
-
 def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """Export the model as it currently is: swapped QuantLinear layers become QDQ subgraphs.
+    """Export the model as it currently is: swapped LoraqLinear layers become QDQ subgraphs.
     Also returns each quantized layer's (input, output) tensor names, for layer-wise validation."""
-    quant = {m.layer_name: m for m in loaded.module.modules() if isinstance(m, QuantLinear)}
+    quant = {m.layer_name: m for m in loaded.module.modules() if isinstance(m, LoraqLinear)}
     with tempfile.TemporaryDirectory(prefix="loraq-export-") as tmp:
         path = Path(tmp) / "traced.onnx"
         with torch.no_grad(), placeholders(loaded.module):
@@ -47,7 +39,7 @@ def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, d
         model = onnx.load(str(path))  # loads external data, if the exporter wrote any
     io = placeholder_io(model)
     if quant:
-        model = write_qdq(model, {name: linear_qdq(m.record, m.bias) for name, m in quant.items()})
+        model = write_qdq(model, {name: layer_spec(m.record, m.bias) for name, m in quant.items()})
     model.producer_name = "loraq"
     return model, io
 
@@ -66,7 +58,3 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
         f.flush()
         os.fsync(f.fileno())
     return [path]
-
-
-def records_of(module: torch.nn.Module) -> dict[str, QuantizedLinear]:
-    return {m.layer_name: m.record for m in module.modules() if isinstance(m, QuantLinear)}

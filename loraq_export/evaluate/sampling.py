@@ -43,18 +43,12 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     # and Sana_1600M_1024px_diffusers scheduler configs; diffusers' scripts/convert_sana_to_diffusers.py,
     # scheduler_type "flow-euler": FlowMatchEulerDiscreteScheduler(shift=flow_shift), flow_shift=3.0).
     "sana": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
-    # The scheduler the published SANA pipelines ship (convert_sana_to_diffusers.py default
-    # "flow-dpm_solver"): DPM-Solver++ on flow sigmas, flow prediction, same shift.
-    "sana-dpm": (
-        "DPMSolverMultistepScheduler",
-        {"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
-    ),
 }
 _ALIASES = {"pixart-sigma": "pixart", "sana-600m": "sana", "sana-1.6b": "sana"}
 
 
 def scheduler_for(kind: str):
-    """A fresh scheduler for ``kind`` ("pixart", "sana", "sana-dpm", or a preset name)."""
+    """A fresh scheduler for ``kind`` ("pixart", "sana", or a preset name)."""
     import diffusers
 
     key = _ALIASES.get(kind, kind)
@@ -145,9 +139,20 @@ def latent_metrics(ref: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     return {"psnr_db": psnr, "cosine": cosine}
 
 
-def compare_denoisers(reference: Denoiser, candidate: Denoiser, kind: str, latents: torch.Tensor,
-                      cond: Sequence[torch.Tensor], steps: int = 20) -> dict[str, float]:
-    """Run the loop with both denoisers from the same noise and compare the final latents."""
-    ref = run_sampling_loop(reference, scheduler_for(kind), latents, cond, steps)
-    out = run_sampling_loop(candidate, scheduler_for(kind), latents, cond, steps)
-    return latent_metrics(ref, out)
+SAMPLING_STEPS = 20
+
+
+def sample_latents(loaded, denoise: Denoiser, seed: int, steps: int = SAMPLING_STEPS) -> torch.Tensor:
+    """The pipeline's own scheduler class, ``steps`` steps from noise and conditioning fixed by ``seed``."""
+    inputs = loaded.make_inputs(seed=seed + 7, batch=1)
+    return run_sampling_loop(denoise, scheduler_for(loaded.kind), inputs[0], inputs[2:], steps)
+
+
+def sampling_report(fp_latents, q_torch, q_onnx, kind: str) -> dict:
+    """Final latents of the quantized torch and ONNX models against FP (when FP is available)."""
+    out = {"steps": SAMPLING_STEPS, "scheduler": type(scheduler_for(kind)).__name__,
+           "onnx_vs_torch_quantized": latent_metrics(q_torch, q_onnx), "vs_fp": {}}
+    if fp_latents is not None:  # a checkpoint has no FP weights to compare with
+        out["vs_fp"] = {"torch_quantized": latent_metrics(fp_latents, q_torch),
+                        "onnx_quantized": latent_metrics(fp_latents, q_onnx)}
+    return out

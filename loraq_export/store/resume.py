@@ -11,23 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load, save
-
-from calibless.record import QuantizedLinear
-from loraq_export.checkpoint import record_from, record_meta, record_tensors
+from calibless.record import LayerRecord
 from loraq_export.errors import UserError
-from loraq_export.outputs import write_bytes_atomic
+from loraq_export.store.layer_tensors import record_bytes, record_from_bytes
+from loraq_export.store.outputs import write_bytes_atomic
 
 
-def record_bytes(name: str, rec: QuantizedLinear) -> bytes:
-    return save(record_tensors(name, rec), metadata={"layer": name, "meta": json.dumps(record_meta(rec), sort_keys=True)})
-
-
-def record_from_bytes(data: bytes, meta_json: str, name: str) -> QuantizedLinear:
-    return record_from(name, load(data), json.loads(meta_json))
-
-
-def _read(path: Path) -> tuple[str, QuantizedLinear]:
+def read_layer_file(path: Path) -> tuple[str, LayerRecord]:
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
@@ -41,7 +31,7 @@ class PartialRun:
         self.dir = out.resolve().parent / f".{out.name}.partial"
         self.identity = json.loads(json.dumps(identity, sort_keys=True))
 
-    def load(self) -> dict[str, QuantizedLinear]:
+    def load(self) -> dict[str, LayerRecord]:
         """Finished layers of an earlier run of the same command (empty if none)."""
         run = self.dir / "run.json"
         if not run.is_file():
@@ -56,7 +46,7 @@ class PartialRun:
         done = {}
         for f in sorted((self.dir / "layers").glob("*.safetensors")):
             try:
-                name, rec = _read(f)
+                name, rec = read_layer_file(f)
             except Exception:  # a file cut short by a kill is simply fitted again
                 f.unlink(missing_ok=True)
                 continue
@@ -69,7 +59,7 @@ class PartialRun:
             tmp.unlink(missing_ok=True)  # cut short by a kill; nothing writes while a run starts
         write_bytes_atomic(self.dir / "run.json", json.dumps(self.identity, sort_keys=True).encode())
 
-    def save(self, name: str, rec: QuantizedLinear) -> None:
+    def save(self, name: str, rec: LayerRecord) -> None:
         write_bytes_atomic(self.dir / "layers" / f"{name}.safetensors", record_bytes(name, rec))
 
     def remove(self) -> None:

@@ -8,9 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from calibless.record import QuantizedLinear
+from calibless.record import LayerRecord
+from graphs.constants import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 
-PLACEHOLDER = "loraq::QuantLinear"
+PLACEHOLDER = f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}"
 
 
 # layer name -> reference function, filled while ``placeholders`` is active. The tracer accepts
@@ -19,8 +20,8 @@ _EXPORTING: dict = {}
 
 
 class _Placeholder(torch.autograd.Function):
-    """In torch: the reference result. In torch.onnx (TorchScript): one ``loraq::QuantLinear``
-    node naming the layer, which graphs.write_qdq later replaces by explicit QDQ."""
+    """In torch: the reference result. In torch.onnx (TorchScript): one placeholder node naming
+    the layer, which graphs.write_qdq later replaces by explicit QDQ."""
 
     @staticmethod
     def forward(ctx, x, layer, out_features):
@@ -35,12 +36,14 @@ class _Placeholder(torch.autograd.Function):
         return y
 
 
-def _reference(record: QuantizedLinear, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _reference(record: LayerRecord, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return record.forward(x.float(), bias).to(x.dtype)
 
 
-class QuantLinear(nn.Module):
-    def __init__(self, record: QuantizedLinear, bias: Optional[torch.Tensor], name: str):
+class LoraqLinear(nn.Module):
+    """A quantized Linear: computes, from its record, exactly what the exported QDQ graph computes."""
+
+    def __init__(self, record: LayerRecord, bias: Optional[torch.Tensor], name: str):
         super().__init__()
         self.record = record
         self.layer_name = name
@@ -67,14 +70,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def swap_in(model: nn.Module, records: dict[str, QuantizedLinear]) -> dict[str, nn.Module]:
-    """Replace each named Linear with a QuantLinear; returns the originals for ``swap_out``."""
+def swap_in(model: nn.Module, records: dict[str, LayerRecord]) -> dict[str, nn.Module]:
+    """Replace each named Linear with a LoraqLinear; returns the originals for ``swap_out``."""
     originals = {}
     for name, rec in records.items():
         parent, attr = _parent(model, name)
         lin = getattr(parent, attr)
         originals[name] = lin
-        setattr(parent, attr, QuantLinear(rec, lin.bias, name))
+        setattr(parent, attr, LoraqLinear(rec, lin.bias, name))
     return originals
 
 
@@ -85,7 +88,7 @@ def swap_out(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 
 
 @contextmanager
-def quantized(model: nn.Module, records: dict[str, QuantizedLinear]):
+def quantized(model: nn.Module, records: dict[str, LayerRecord]):
     """The model with its layers swapped for the quantized reference, restored on exit."""
     originals = swap_in(model, records)
     try:
@@ -96,8 +99,8 @@ def quantized(model: nn.Module, records: dict[str, QuantizedLinear]):
 
 @contextmanager
 def placeholders(model: nn.Module):
-    """Make every QuantLinear export as a placeholder node (for torch.onnx)."""
-    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Make every LoraqLinear export as a placeholder node (for torch.onnx)."""
+    mods = [m for m in model.modules() if isinstance(m, LoraqLinear)]
     for m in mods:
         m.emit_placeholder = True
         # a closure over plain tensors: reading module attributes inside a traced Function breaks the tracer

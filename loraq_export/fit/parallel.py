@@ -1,4 +1,4 @@
-"""Which layers to quantize, and fitting them: in parallel across cores, resumable, sharded.
+"""Fitting the planned layers: in parallel across cores, resumable, sharded.
 
 Every layer is fitted single-threaded with a seed derived from (seed, layer name), so its
 result does not depend on which process or rank fitted it, nor on the order: a parallel or
@@ -10,7 +10,6 @@ import multiprocessing as mp
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -18,63 +17,17 @@ from torch import nn
 from tqdm import tqdm
 
 from calibless.formats import FitSpec
-from calibless.methods import BRANCH_METHODS, fit_layer
-from calibless.record import QuantizedLinear
+from calibless.methods import fit_layer
+from calibless.record import LayerRecord
 from loraq_export.errors import UserError
-from loraq_export.models.base import LoadedModel
-from loraq_export.recipes import Recipe
-
-
-@dataclass
-class LayerPlan:
-    name: str
-    in_features: int
-    out_features: int
-    quantize: bool
-    reason: str
-    spec: Optional[FitSpec] = None
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": [self.in_features, self.out_features],
-                "quantized": self.quantize, "reason": self.reason}
-
-
-def plan_layers(loaded: LoadedModel, recipe: Recipe) -> list[LayerPlan]:
-    """Every Linear of the model with the decision and its reason; checks the recipe fits."""
-    from loraq_export.inputs import check_finite
-    # the whole model, not only the layers to quantize: one NaN anywhere makes every output NaN
-    check_finite(loaded.module.state_dict().items(), f"model {loaded.name}",
-                 "the model file is damaged, re-export or re-download it")
-    plans = []
-    for name, mod in loaded.module.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        k, n = mod.in_features, mod.out_features
-        quantize, reason = recipe.pattern_decision(name) or loaded.select(name, mod)
-        spec = recipe.spec_for(name) if quantize else None
-        if quantize:
-            g = spec.main.weight.block_size(k)
-            if k % g:
-                # Refused per layer (never padded): the layer stays in high precision and is reported.
-                quantize, reason, spec = False, f"in_features {k} not divisible by group size {g}: kept in high precision", None
-        if quantize and recipe.method in BRANCH_METHODS:
-            if spec.branch is None:
-                raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
-                                f"use e.g. {recipe.name}-r32-w8a8 or --method rtn")
-            if spec.rank > min(k, n):
-                raise UserError(f"rank {spec.rank} is larger than min(in, out) = {min(k, n)} of layer {name}; "
-                                "lower the rank or exclude the layer")
-        plans.append(LayerPlan(name, k, n, quantize, reason, spec))
-    if not any(p.quantize for p in plans):
-        raise UserError(f"no Linear layer of {loaded.name} is selected for quantization; check the recipe's include/exclude patterns")
-    return plans
+from loraq_export.fit.plan import LayerPlan
 
 
 def layer_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode())
 
 
-def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int) -> tuple[str, QuantizedLinear]:
+def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int) -> tuple[str, LayerRecord]:
     torch.set_num_threads(1)
     try:
         return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name))
@@ -90,15 +43,15 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def fit_layers(loaded: LoadedModel, plans: list[LayerPlan], method: str, seed: int = 0,
+def fit_layers(module: nn.Module, plans: list[LayerPlan], method: str, seed: int = 0,
                workers: Optional[int] = None, progress: bool = True, done: Optional[dict] = None,
-               on_fitted: Optional[Callable[[str, QuantizedLinear], None]] = None,
-               shard: tuple[int, int] = (0, 1)) -> dict[str, QuantizedLinear]:
+               on_fitted: Optional[Callable[[str, LayerRecord], None]] = None,
+               shard: tuple[int, int] = (0, 1)) -> dict[str, LayerRecord]:
     """Fit the planned layers not already in ``done``; ``on_fitted`` is called as each finishes
     (a checkpoint writes it to disk there, which is what makes a run resumable). With
     ``shard=(rank, world)`` only every world-th planned layer from ``rank`` is fitted."""
     done = dict(done or {})
-    mods = dict(loaded.module.named_modules())
+    mods = dict(module.named_modules())
     # shard over ALL planned layers, not the remaining ones: a resumed rank keeps its share
     todo = [p for p in plans if p.quantize][shard[0]::shard[1]]
     todo = [p for p in todo if p.name not in done]

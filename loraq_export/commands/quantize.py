@@ -4,15 +4,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loraq_export.checkpoint import quantization_config, write_checkpoint
-from loraq_export.distributed import Dist
 from loraq_export.errors import UserError
-from loraq_export.fitting import fit_layers, plan_layers
+from loraq_export.fit.distributed import Dist
+from loraq_export.fit.parallel import fit_layers
+from loraq_export.fit.plan import plan_layers
+from loraq_export.fit.recipes import load_recipe
 from loraq_export.models import load_model
-from loraq_export.outputs import check_output_dir, staged_dir, write_json_atomic
-from loraq_export.recipes import load_recipe
 from loraq_export.report import build_report, format_summary
-from loraq_export.resume import PartialRun
+from loraq_export.store.checkpoint import quantization_config, write_checkpoint
+from loraq_export.store.outputs import check_output_dir, staged_dir, write_json_atomic
+from loraq_export.store.resume import PartialRun
 
 
 def fp_source(opts) -> dict:
@@ -41,7 +42,7 @@ def fit_checkpointable(opts, dist: Dist):
             problem = str(e)
     dist.broadcast_error(problem)
     loaded = load_model(opts.model, opts.num_layers, opts.seed)
-    plans = plan_layers(loaded, recipe)
+    plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     times["load"] = round(time.perf_counter() - t, 3)
     partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))
     done = partial.load()
@@ -51,7 +52,7 @@ def fit_checkpointable(opts, dist: Dist):
     dist.barrier()
     t = time.perf_counter()
     workers = opts.workers if not dist.active else (opts.workers or 1)
-    records = fit_layers(loaded, plans, recipe.method, seed=opts.seed, workers=workers,
+    records = fit_layers(loaded.module, plans, recipe.method, seed=opts.seed, workers=workers,
                          progress=opts.progress and dist.is_main, done=done, on_fitted=partial.save,
                          shard=(dist.rank, dist.world))
     times["fit"] = round(time.perf_counter() - t, 3)

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from loraq_export.resume import record_bytes, record_from_bytes
+from loraq_export.store.layer_tensors import record_bytes, record_from_bytes
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Dist:
         if not self.active:
             return records
         import json
-        from loraq_export.checkpoint import record_meta
+        from loraq_export.store.layer_tensors import record_meta
         payload = {n: (record_bytes(n, r), json.dumps(record_meta(r), sort_keys=True)) for n, r in records.items()}
         gathered = [None] * self.world if self.is_main else None
         dist.gather_object(payload, gathered, dst=0)

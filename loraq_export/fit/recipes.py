@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from calibless.formats import (BRANCH_FORMATS, MAIN_FORMATS, BranchFormat, FitSpec, LayerFormat,
+from calibless.formats import (BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS, BranchFormat, FitSpec, LayerFormat,
                                branch_format, main_format)
-from calibless.methods import METHODS
+from calibless.methods import METHODS, method_options
 from loraq_export.errors import UserError
 
 DEFAULT_RECIPE = "w4a16-g64-r32-w8a8"
@@ -59,7 +59,7 @@ def parse_layer_recipe(text: str) -> LayerRecipe:
     if not m:
         raise UserError(f"{bad}: {parts[1]!r} is not a group size; use g32, g64, g128 or gch (per channel)")
     group = None if m.group(1) == "ch" else int(m.group(1))
-    if group not in (None, 32, 64, 128):
+    if group not in GROUP_SIZES:
         raise UserError(f"{bad}: group size {group} is not supported; use g32, g64, g128 or gch")
     main = main_format(parts[0], group, symmetric=not asym)
     rest = parts[2:]
@@ -87,7 +87,7 @@ class Recipe:
     method: str = DEFAULT_METHOD
     include: tuple = ()
     exclude: tuple = ()
-    options: tuple = ()  # sorted (key, value) pairs
+    options: tuple = ()  # the method's options as given: sorted (key, value) pairs (checked when set)
     overrides: tuple = ()  # ((pattern, LayerRecipe), ...)
     source: str = ""  # the string or file the recipe came from
 
@@ -101,9 +101,16 @@ class Recipe:
                 return lr
         return self.layer
 
+    def method_options(self):
+        """The method's typed options (its options dataclass); UserError for a key it does not take."""
+        try:
+            return method_options(self.method, dict(self.options))
+        except ValueError as e:
+            raise UserError(f"{self.source or 'recipe'}: {e}") from None
+
     def spec_for(self, module_name: str) -> FitSpec:
         lr = self.layer_recipe(module_name)
-        return FitSpec(lr.main, lr.rank, lr.branch, self.options)
+        return FitSpec(lr.main, lr.rank, lr.branch, self.method_options())
 
     def pattern_decision(self, module_name: str) -> Optional[tuple[bool, str]]:
         """(quantize?, reason) when the recipe's patterns decide, None to use the model's default."""
@@ -123,7 +130,9 @@ class Recipe:
                 "overrides": [{"pattern": p, "recipe": lr.name} for p, lr in self.overrides]}
 
     def with_method(self, method: Optional[str]) -> "Recipe":
-        return self if method is None else replace(self, method=_check_method(method))
+        out = self if method is None else replace(self, method=_check_method(method))
+        out.method_options()  # options given for one method may not fit another
+        return out
 
 
 def _check_method(method: str, where: str = "") -> str:
@@ -160,9 +169,11 @@ def recipe_from_dict(d: dict, where: str = "recipe") -> Recipe:
         if not isinstance(o, dict) or set(o) != {"pattern", "recipe"}:
             raise UserError(f"{where}: each override needs exactly 'pattern' and 'recipe'")
         overrides.append((str(o["pattern"]), parse_layer_recipe(o["recipe"])))
-    return Recipe(parse_layer_recipe(d["recipe"]), _check_method(str(d.get("method", DEFAULT_METHOD)), where),
-                  _strings(d.get("include"), "include", where), _strings(d.get("exclude"), "exclude", where),
-                  tuple(sorted(options.items())), tuple(overrides), source=where)
+    recipe = Recipe(parse_layer_recipe(d["recipe"]), _check_method(str(d.get("method", DEFAULT_METHOD)), where),
+                    _strings(d.get("include"), "include", where), _strings(d.get("exclude"), "exclude", where),
+                    tuple(sorted(options.items())), tuple(overrides), source=where)
+    recipe.method_options()
+    return recipe
 
 
 def load_recipe(text: Optional[str] = None, method: Optional[str] = None) -> Recipe:

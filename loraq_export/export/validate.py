@@ -10,12 +10,13 @@ disagreement is only required to stay below the quantization error itself.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import onnx
 import torch
 
+from graphs.runtime import ort_session, with_outputs
 from loraq_export.errors import UserError
 
 # A layer passes when its output agrees to LAYER_TOLERANCE relative L2 (float summation order:
@@ -36,19 +37,6 @@ class ValidationError(UserError):
     pass
 
 
-def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: int = 0, threads: Optional[int] = None):
-    """A CPU session. accuracy_level 0 makes MatMulNBits compute in float (the reference);
-    ONNX Runtime's default, 4, quantizes activations to int8 inside the kernel (faster)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    if threads:
-        so.intra_op_num_threads = threads
-    src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     ref = np.asarray(reference, np.float64).ravel()
     cand = np.asarray(candidate, np.float64).ravel()
@@ -56,18 +44,6 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     return {"max_abs": float(np.abs(diff).max(initial=0.0)),
             "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
             "cosine": float(ref @ cand / max(np.linalg.norm(ref) * np.linalg.norm(cand), 1e-30))}
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the named intermediate tensors."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for n in names:
-        if n not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
-    return out
 
 
 def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapper: torch.nn.Module,

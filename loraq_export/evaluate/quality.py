@@ -1,4 +1,5 @@
-"""End-to-end quality of a quantized model against its FP original, per model kind."""
+"""End-to-end quality of a quantized BERT-family encoder against its FP original: cosine between
+mean-pooled sentence embeddings on the bundled real sentences. (Diffusion models: sampling.py.)"""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,10 +14,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def sentence_batches(loaded: LoadedModel, batch: int = 10) -> list[tuple]:
+def sentence_batches(loaded: LoadedModel, batch: int = 10, texts=None) -> list[tuple]:
+    """Tokenized batches of ``texts`` (default: the bundled sentences)."""
     from loraq_export.models.minilm import sentences
     tok = loaded.source["tokenizer"]
-    texts = sentences()
+    texts = sentences() if texts is None else list(texts)
     out = []
     for i in range(0, len(texts), batch):
         enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -50,3 +52,15 @@ def bert_embedding_quality(loaded: LoadedModel, fp_embeddings: torch.Tensor, ses
         o = cosine_rows(fp_embeddings, embeddings(onnx_runner(session, loaded.input_names), batches))
         out["onnx"] = {"mean": float(o.mean()), "min": float(o.min())}
     return out
+
+
+def fp_embeddings(loaded: LoadedModel):
+    """The FP model's sentence embeddings (None for models that are not sentence encoders)."""
+    return embeddings(loaded.wrapper, sentence_batches(loaded)) if loaded.kind == "bert" else None
+
+
+def embedding_quality(loaded: LoadedModel, fp: torch.Tensor, session=None) -> dict:
+    """Report section: ``bert_embedding_quality`` where the FP embeddings exist, else None."""
+    if loaded.kind != "bert" or fp is None:
+        return None
+    return bert_embedding_quality(loaded, fp, session)

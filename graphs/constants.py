@@ -1,0 +1,32 @@
+"""The ONNX-side facts every graphs module shares, written once.
+
+``graphs`` knows nothing of torch or calibless; where a value must equal calibless' (the
+activation-scale floor, the group sizes), tests/test_constants.py checks the two agree.
+"""
+import ml_dtypes
+import numpy as np
+
+# INT4 / UINT4 tensors and QuantizeLinear / DequantizeLinear with block_size need opset 21.
+OPSET = 21
+
+# The floor of dynamic activation scales (an all-zero token quantizes to zeros, not NaN); the
+# torch reference uses the same value (calibless.quant.ACT_SCALE_EPS), so both agree op for op.
+ACT_SCALE_EPS = 1e-8
+
+GEMMS = ("MatMul", "Gemm")
+INT4_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+
+# What ONNX Runtime's MatMulNBits takes as a block size: a power of two from 16 to 256.
+MATMULNBITS_BLOCK_SIZES = (256, 128, 64, 32, 16)
+
+# The placeholder node torch.onnx emits for each quantized Linear; write_qdq replaces it.
+PLACEHOLDER_DOMAIN = "loraq"
+PLACEHOLDER_OP = "LayerPlaceholder"
+
+# How the writer names the branch factors' codes initializers ('{layer}.down_q', '{layer}.up_q'):
+# checks and legalizers tell a branch factor from a main weight by these suffixes.
+BRANCH_SUFFIXES = (".down_q", ".up_q")
+MAIN_WEIGHT_SUFFIX = ".weight_q"
+
+# TensorRT's static activation scales: batches of example inputs in the data-free calibration.
+CALIBRATION_BATCHES = 4

@@ -1,0 +1,64 @@
+"""ONNX Runtime (CPU) sessions, built in one place for validation, calibration, checks and benchmarks.
+
+``accuracy_level`` is MatMulNBits' ``session.qdq_matmulnbits_accuracy_level``: 0 computes in
+float (the reference every comparison uses); ONNX Runtime's default, 4, quantizes activations
+to int8 inside the kernel (faster; benchmarks use it and say so).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Sequence, Union
+
+import onnx
+
+
+def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int] = 0, threads: Optional[int] = None,
+                spinning: Optional[bool] = None, optimized_path: Optional[str] = None,
+                optimization_level=None, external_initializers: Optional[str] = None):
+    """A CPU InferenceSession of ``model`` (a path or a ModelProto). ``optimized_path``: also write
+    ONNX Runtime's optimized graph there (``external_initializers``: the data file for its weights)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if accuracy_level is not None:  # None: ONNX Runtime's own default
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if optimization_level is not None:
+        so.graph_optimization_level = optimization_level
+    if optimized_path is not None:
+        so.optimized_model_filepath = optimized_path
+        if external_initializers:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_initializers)
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's optimized graph (ORT_ENABLE_EXTENDED, CPU), read back from a temp file."""
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "in.onnx")
+        big = model.ByteSize() > (1 << 30)
+        onnx.save(model, src, save_as_external_data=big, location="in.onnx.data" if big else None)
+        out = os.path.join(d, "optimized.onnx")
+        ort_session(src, accuracy_level=None, optimized_path=out,
+                    optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                    external_initializers="opt.data" if big else None)
+        return onnx.load(out)
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the named intermediate (float) tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return out

@@ -1,0 +1,44 @@
+"""The Python entry point for any ``nn.Module`` (torchao's ``quantize_`` style):
+
+    from loraq_export import quantize_
+    quantize_(model, "w4a16-g64-r32-w8a8", method="loraq",
+              filter_fn=lambda mod, name: name.startswith("encoder."))
+
+Every selected ``nn.Linear`` is fitted data-free and replaced in place by a ``LoraqLinear`` that
+computes exactly what the exported QDQ graph computes. Layers whose in_features the group size
+does not divide stay as they are (never padded). Bad input raises ``UserError`` (one line).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from torch import nn
+
+from loraq_export.fit.parallel import fit_layers
+from loraq_export.fit.plan import plan_layers
+from loraq_export.fit.recipes import Recipe, load_recipe
+from loraq_export.fit.swap import swap_in
+
+
+def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method: Optional[str] = None,
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, seed: int = 0,
+              workers: Optional[int] = 1, progress: bool = False) -> nn.Module:
+    """Quantize ``module``'s Linear layers in place and return it.
+
+    ``recipe``: a recipe string or file (default ``w4a16-g64-r32-w8a8``) or a loaded ``Recipe``;
+    ``method``: overrides the recipe's method; ``filter_fn(linear, fully_qualified_name)``: which
+    Linear layers to quantize (default: all; the recipe's include/exclude patterns apply first);
+    ``workers``: fitting processes (None: one per core). The fitted records are on each
+    ``LoraqLinear`` as ``.record``.
+    """
+    rec = load_recipe(recipe, method) if recipe is None or isinstance(recipe, str) else recipe.with_method(method)
+
+    def select(name: str, linear: nn.Linear) -> tuple[bool, str]:
+        if filter_fn is None or filter_fn(linear, name):
+            return True, "selected" if filter_fn is None else "selected by filter_fn"
+        return False, "not selected by filter_fn"
+
+    plans = plan_layers(module, rec, select, type(module).__name__)
+    records = fit_layers(module, plans, rec.method, seed=seed, workers=workers, progress=progress)
+    swap_in(module, records)
+    return module

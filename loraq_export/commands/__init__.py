@@ -1,0 +1,1 @@
+"""What each CLI command does, beyond parsing its arguments."""

@@ -1,0 +1,62 @@
+"""``loraq export``: fit (or load a checkpoint), export ONNX, run the graph passes, legalize,
+validate, measure quality, report. Each stage is timed; the report records everything a reader
+needs. ``loraq quantize`` is in quantize.py."""
+from __future__ import annotations
+
+import torch
+
+from loraq_export.commands.source import load_source
+from loraq_export.errors import UserError
+from loraq_export.evaluate.quality import embedding_quality, fp_embeddings
+from loraq_export.export.deploy import build_deployable_onnx, validation_batches
+from loraq_export.export.onnx_export import export_graph, save_onnx
+from loraq_export.fit.parallel import fit_layers
+from loraq_export.fit.swap import quantized
+from loraq_export.options import Options
+from loraq_export.report import build_report, format_summary
+from loraq_export.store.outputs import staged_dir, write_json_atomic
+from loraq_export.timing import Timer
+
+
+def run_export(opts: Options, echo=print) -> dict:
+    timer = Timer()
+    src = load_source(opts, timer)
+    loaded, fp, records = src.loaded, src.fp, src.records
+    with staged_dir(opts.out, opts.overwrite) as stage:
+        batches = validation_batches(loaded, opts.seed)
+        fp_outputs = fp_quality = fp_latents = None
+        diffusion = opts.quality and loaded.kind in ("pixart", "sana")
+        if fp is not None:
+            with torch.no_grad():
+                fp_outputs = [fp.wrapper(*b).float().numpy() for b in batches]
+            fp_quality = fp_embeddings(fp) if opts.quality else None
+            if diffusion:
+                from loraq_export.evaluate.sampling import sample_latents, torch_denoiser
+                with timer("quality"):
+                    fp_latents = sample_latents(fp, torch_denoiser(fp.wrapper), opts.seed)
+        if opts.fp_onnx:
+            if fp is None:
+                raise UserError("--fp-onnx needs the FP original, which this checkpoint's source no longer provides")
+            with timer("export_fp"):
+                save_onnx(export_graph(fp, fp.make_inputs(seed=opts.seed, batch=2))[0], stage / "model_fp.onnx")
+        if records is None:
+            with timer("fit"):
+                records = fit_layers(loaded.module, src.plans, src.recipe.method, seed=opts.seed,
+                                     workers=opts.workers, progress=opts.progress)
+        sampling = None
+        with quantized(loaded.module, records):
+            validation, graph_report, session = build_deployable_onnx(loaded, stage, opts, timer, (batches, fp_outputs))
+            with timer("quality"):
+                quality = embedding_quality(loaded, fp_quality, session) if opts.quality else None
+                if diffusion:
+                    from loraq_export.evaluate.sampling import (onnx_denoiser, sample_latents, sampling_report,
+                                                                torch_denoiser)
+                    q_torch = sample_latents(loaded, torch_denoiser(loaded.wrapper), opts.seed)
+                    q_onnx = sample_latents(loaded, onnx_denoiser(session, loaded.input_names), opts.seed)
+                    sampling = sampling_report(fp_latents, q_torch, q_onnx, loaded.kind)
+        report = build_report(loaded, src.recipe, src.plans, records, timer.times, opts.seed, stage, validation,
+                              quality, sampling)
+        report["graph"] = graph_report
+        write_json_atomic(stage / "report.json", report)
+    echo(format_summary(report, opts.out))
+    return report

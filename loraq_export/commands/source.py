@@ -1,0 +1,60 @@
+"""What ``loraq export`` works on: an FP model to fit now, or a checkpoint that brings its records."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loraq_export.errors import UserError
+from loraq_export.export.deploy import refuse_undeployable
+from loraq_export.fit.plan import LayerPlan, plan_layers
+from loraq_export.fit.recipes import Recipe, load_recipe, recipe_from_json
+from loraq_export.models import LoadedModel, load_model
+from loraq_export.options import Options
+from loraq_export.store.outputs import check_output_dir
+from loraq_export.timing import Timer
+
+
+@dataclass
+class ExportSource:
+    loaded: LoadedModel
+    recipe: Recipe
+    plans: list[LayerPlan]
+    records: Optional[dict]  # fitted already (a checkpoint), else None
+    fp: Optional[LoadedModel]  # the FP reference: the model itself before the swap, or a checkpoint's original
+
+
+def load_source(opts: Options, timer: Timer) -> ExportSource:
+    """Cheap checks first (recipe, target, output directory), then the model or checkpoint."""
+    from loraq_export.store.checkpoint import is_checkpoint, load_checkpoint
+    if opts.model is not None and is_checkpoint(Path(opts.model)):
+        if opts.recipe is not None or opts.method is not None:
+            raise UserError("a checkpoint carries its own recipe and method; drop --recipe/--method")
+        check_output_dir(opts.out, opts.overwrite)
+        with timer("load"):
+            loaded, records, q = load_checkpoint(Path(opts.model))
+        recipe = recipe_from_json(q["recipe"])
+        refuse_undeployable(recipe, opts)
+        fp = fp_original(q, opts.seed if "seed" not in q else q["seed"])
+        plans = [LayerPlan(n, r.in_features, r.out_features, True, "quantized in the checkpoint") for n, r in records.items()]
+        plans += [LayerPlan(n, m.in_features, m.out_features, False, (q.get("skipped") or {}).get(n, "not quantized in the checkpoint"))
+                  for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
+        return ExportSource(loaded, recipe, plans, records, fp)
+    recipe = load_recipe(opts.recipe, opts.method)
+    refuse_undeployable(recipe, opts)
+    check_output_dir(opts.out, opts.overwrite)
+    with timer("load"):
+        loaded = load_model(opts.model, opts.num_layers, opts.seed)
+        plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
+    return ExportSource(loaded, recipe, plans, None, loaded)
+
+
+def fp_original(q: dict, seed: int) -> Optional[LoadedModel]:
+    """The FP model a checkpoint was made from, when it can still be loaded (else None)."""
+    src = q.get("source") or {}
+    try:
+        return load_model(src.get("model"), src.get("num_layers"), seed) if "model" in src else None
+    except UserError:
+        return None

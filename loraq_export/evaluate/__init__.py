@@ -1,0 +1,1 @@
+"""End-to-end quality against the FP model: sentence embeddings, diffusion sampling."""

@@ -1,0 +1,1 @@
+"""torch -> QDQ ONNX: placeholder export, layer specs for the writer, validation, the deployable graph."""

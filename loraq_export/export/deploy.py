@@ -1,0 +1,93 @@
+"""From a model with its quantized layers swapped in to a deployable, validated model.onnx.
+
+Validation is strict, layer by layer, on the graph as written (every layer's QDQ subgraph is
+still intact and named there). The graph passes and the ONNX Runtime legalizer are exact up to
+float summation order (each is tested on its own); the final graph is compared with the
+validated one end to end, bounded like the end-to-end check. A TensorRT graph replaces dynamic
+activation scales by static ones from a data-free calibration, which changes the numerics by
+design: that difference is measured and reported, not bounded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from graphs.constants import CALIBRATION_BATCHES
+from graphs.runtime import ort_session
+from loraq_export.errors import UserError
+from loraq_export.export.onnx_export import export_graph, save_onnx
+from loraq_export.export.validate import ValidationError, agreement, validate_onnx
+from loraq_export.fit.recipes import Recipe
+from loraq_export.fit.swap import LoraqLinear
+from loraq_export.models import LoadedModel
+from loraq_export.options import Options
+from loraq_export.timing import Timer
+
+
+def validation_batches(loaded: LoadedModel, seed: int) -> list[tuple]:
+    # different batch sizes and lengths than the export example: dynamic axes are exercised
+    return [loaded.make_inputs(seed=seed + 101, batch=3), loaded.make_inputs(seed=seed + 202, batch=1)]
+
+
+def calibration_feeds(loaded: LoadedModel, seed: int) -> list[dict]:
+    """TensorRT's static activation scales come from the model's own example inputs: no dataset."""
+    return [dict(zip(loaded.input_names, (t.numpy() for t in loaded.make_inputs(seed=seed + 500 + i, batch=2))))
+            for i in range(CALIBRATION_BATCHES)]
+
+
+def refuse_undeployable(recipe: Recipe, opts: Options) -> None:
+    """Before minutes of fitting: TensorRT has no 4-bit activations (INT4 is weight-only)."""
+    if opts.target != "tensorrt" or opts.convert:
+        return
+    from graphs.targets import ALTERNATIVES
+    layers = [recipe.layer] + [lr for _, lr in recipe.overrides]
+    if any(lr.main.act.bits == 4 or (lr.branch is not None and lr.branch.act.bits == 4) for lr in layers):
+        raise UserError(f"recipe {recipe.name} has 4-bit activations, which TensorRT cannot run; {ALTERNATIVES['tensorrt']}")
+
+
+def legalize_for_target(fused, loaded: LoadedModel, opts: Options) -> tuple:
+    """(final model, the legalizer's report) for ``opts.target``."""
+    from graphs.targets import TargetError, legalize
+    if opts.target == "ort":
+        report: dict = {}
+        return legalize(fused, "ort", report=report), report
+    report = {}
+    try:
+        final = legalize(fused, "tensorrt", allow_conversion=opts.convert, report=report,
+                         calibration=calibration_feeds(loaded, opts.seed))
+    except TargetError as e:
+        raise UserError(str(e)) from None
+    if report.get("calibration"):
+        report["calibration"]["source"] = "the model's own example inputs (make_inputs), no dataset"
+    return final, report
+
+
+def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer: Timer,
+                          fp_inputs_outputs) -> tuple[dict, dict, object]:
+    """Swap-in state: export, validate, run the graph passes, legalize for the target, write
+    model.onnx into ``stage``. Returns (validation, graph report, ORT session of model.onnx)."""
+    from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, apply_passes
+    batches, fp_outputs = fp_inputs_outputs
+    example = loaded.make_inputs(seed=opts.seed, batch=2)
+    passes = DEFAULT_PASSES if opts.fuse else NO_FUSE_PASSES
+    graph_report = {"target": opts.target, "passes": list(passes)}
+    with timer("export"):
+        written, io = export_graph(loaded, example)
+    with timer("validate"):
+        fns = {m.layer_name: m.reference for m in loaded.module.modules() if isinstance(m, LoraqLinear)}
+        validation = validate_onnx(written, io, fns, loaded.wrapper, loaded.input_names, batches, fp_outputs)
+    with timer("passes"):
+        final, graph_report[opts.target] = legalize_for_target(apply_passes(written, passes), loaded, opts)
+    with timer("validate"):
+        ref_s, fin_s = ort_session(written), ort_session(final)
+        diffs = [agreement(ref_s.run(None, f)[0], fin_s.run(None, f)[0])
+                 for f in ({n: t.numpy() for n, t in zip(loaded.input_names, b)} for b in batches)]
+        worst = max(diffs, key=lambda a: a["rel_l2"])
+        bound = validation["end_to_end"]["bound"]
+        graph_report["final_vs_validated_graph"] = {**worst, "bound": None if opts.target == "tensorrt" else bound}
+        if opts.target != "tensorrt" and bound is not None and not worst["rel_l2"] <= bound:
+            raise ValidationError(f"the fused graph disagrees with the validated one: relative L2 {worst['rel_l2']:.3g} > "
+                                  f"{bound:.3g}; re-run with --no-fuse and please report it")
+    with timer("export"):
+        save_onnx(final, stage / "model.onnx")
+    session = ort_session(str(stage / "model.onnx"))
+    return validation, graph_report, session

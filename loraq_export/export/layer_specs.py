@@ -1,0 +1,41 @@
+"""Hand the one in-memory record of a layer to the ONNX writer (numpy; graphs imports no torch)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from calibless.formats import ActFormat
+from calibless.record import LayerRecord, QTensor
+from graphs.qdq import ActQuant, LayerSpec
+from graphs.tensors import QuantizedWeight, int_dtype
+
+
+def _np(t: Optional[torch.Tensor]):
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def quantized_weight(q: QTensor) -> QuantizedWeight:
+    """calibless' QTensor as graphs' QuantizedWeight: codes in their ONNX storage type."""
+    dtype = int_dtype(q.fmt.bits, q.fmt.symmetric)
+    codes = _np(q.codes).astype(dtype)
+    zp = None if q.zero_point is None else _np(q.zero_point).astype(dtype)
+    return QuantizedWeight(codes, _np(q.scale.float()), zp, q.codes.shape[0] // q.scale.shape[0])
+
+
+def act_quant(fmt: ActFormat) -> Optional[ActQuant]:
+    return ActQuant(fmt.bits) if fmt.enabled else None
+
+
+def _factor(f):
+    return quantized_weight(f) if isinstance(f, QTensor) else _np(f)
+
+
+def layer_spec(rec: LayerRecord, bias: Optional[torch.Tensor]) -> LayerSpec:
+    out = LayerSpec(weight=quantized_weight(rec.weight), act=act_quant(rec.fmt.act), bias=_np(bias))
+    if rec.branch is not None:
+        b = rec.branch
+        out.down, out.up = _factor(b.down), _factor(b.up)
+        out.branch_in = act_quant(b.fmt.act)
+        out.branch_mid = act_quant(b.fmt.act)
+    return out

@@ -1,0 +1,1 @@
+"""Fitting: recipes, the per-layer plan, parallel and distributed fitting, the module swap."""

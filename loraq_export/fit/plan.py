@@ -1,0 +1,66 @@
+"""Which Linear layers of a model to quantize, with what, and why: the plan every command fits.
+
+A layer is quantized when the recipe's include/exclude patterns (or else the model's own rule)
+select it and its in_features is divisible by the recipe's group size (never padded: otherwise it
+stays in high precision and the report says why). A rank above min(in, out) is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from calibless.formats import FitSpec
+from calibless.methods import get_method
+from loraq_export.errors import UserError
+from loraq_export.fit.recipes import Recipe
+
+# (name, Linear) -> (quantize?, reason): a model's default layer selection.
+Selector = Callable[[str, nn.Linear], tuple[bool, str]]
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    in_features: int
+    out_features: int
+    quantize: bool
+    reason: str
+    spec: Optional[FitSpec] = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": [self.in_features, self.out_features],
+                "quantized": self.quantize, "reason": self.reason}
+
+
+def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name: str = "the model") -> list[LayerPlan]:
+    """Every Linear of ``module`` with the decision and its reason; checks the recipe fits."""
+    from loraq_export.inputs import check_finite
+    # the whole model, not only the layers to quantize: one NaN anywhere makes every output NaN
+    check_finite(module.state_dict().items(), f"model {model_name}",
+                 "the model file is damaged, re-export or re-download it")
+    uses_branch = get_method(recipe.method).uses_branch
+    plans = []
+    for name, mod in module.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        k, n = mod.in_features, mod.out_features
+        quantize, reason = recipe.pattern_decision(name) or select(name, mod)
+        spec = recipe.spec_for(name) if quantize else None
+        if quantize:
+            g = spec.main.weight.block_size(k)
+            if k % g:
+                # Refused per layer (never padded): the layer stays in high precision and is reported.
+                quantize, reason, spec = False, f"in_features {k} not divisible by group size {g}: kept in high precision", None
+        if quantize and uses_branch:
+            if spec.branch is None:
+                raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
+                                f"use e.g. {recipe.name}-r32-w8a8 or --method rtn")
+            if spec.rank > min(k, n):
+                raise UserError(f"rank {spec.rank} is larger than min(in, out) = {min(k, n)} of layer {name}; "
+                                "lower the rank or exclude the layer")
+        plans.append(LayerPlan(name, k, n, quantize, reason, spec))
+    if not any(p.quantize for p in plans):
+        raise UserError(f"no Linear layer of {model_name} is selected for quantization; check the recipe's include/exclude patterns")
+    return plans

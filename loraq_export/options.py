@@ -1,0 +1,24 @@
+"""What a user asked for on the command line, handed to the commands (``loraq export``/``quantize``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Options:
+    model: Optional[str] = None  # None: the bundled MiniLM
+    recipe: Optional[str] = None  # a recipe string or file; None: the default recipe
+    method: Optional[str] = None  # overrides the recipe's method
+    out: Path = Path("loraq-out")
+    overwrite: bool = False
+    fp_onnx: bool = False
+    num_layers: Optional[int] = None
+    seed: int = 0
+    workers: Optional[int] = None
+    progress: bool = True
+    quality: bool = True
+    target: str = "ort"
+    fuse: bool = True
+    convert: bool = False  # let the target legalizer convert what it cannot express (tensorrt: 4-bit activations)

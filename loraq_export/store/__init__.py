@@ -1,0 +1,1 @@
+"""Storing fitted layers: checkpoints, resumable partial runs, atomic outputs."""

@@ -1,0 +1,98 @@
+"""One quantized layer as flat named tensors plus a JSON description, and back.
+
+Tensors use nunchaku's names: ``{layer}.qweight`` (codes; INT4 packed two per byte, low nibble
+first, ONNX's layout, in (in, out) order), ``{layer}.wscales``, ``{layer}.wzeros`` (asymmetric
+only), and ``{layer}.proj_down.*`` / ``{layer}.proj_up.*`` for the branch factors (the same three
+names when quantized, the float16 tensor itself otherwise). Checkpoints and resumable partial
+runs both store layers this way.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load, save
+
+from calibless.config import from_dict, to_dict
+from calibless.formats import BranchFormat, LayerFormat, WeightFormat
+from calibless.packing import pack_int4, unpack_int4
+from calibless.record import Branch, LayerRecord, QTensor
+
+
+def _qtensor_tensors(prefix: str, q: QTensor) -> dict[str, torch.Tensor]:
+    codes = q.codes.numpy()
+    packed = torch.from_numpy(pack_int4(codes)) if q.fmt.bits == 4 else q.codes.contiguous().clone()
+    out = {f"{prefix}.qweight": packed, f"{prefix}.wscales": q.scale.contiguous()}
+    if q.zero_point is not None:
+        out[f"{prefix}.wzeros"] = q.zero_point.contiguous()
+    return out
+
+
+def _qtensor_from(prefix: str, t: dict, fmt: WeightFormat, shape: tuple[int, int]) -> QTensor:
+    k, n = shape
+    packed = t[f"{prefix}.qweight"]
+    if fmt.bits == 4:
+        codes = torch.from_numpy(unpack_int4(packed.numpy(), k * n, fmt.symmetric).reshape(k, n).copy())
+    else:
+        codes = packed
+    if tuple(codes.shape) != (k, n):
+        raise ValueError(f"{prefix}.qweight holds shape {tuple(codes.shape)}, config says {(k, n)}")
+    scale = t[f"{prefix}.wscales"].float()
+    if scale.shape[1] != n or k % scale.shape[0]:
+        raise ValueError(f"{prefix}.wscales has shape {tuple(scale.shape)}, not compatible with {(k, n)}")
+    zp = t.get(f"{prefix}.wzeros")
+    if (zp is None) != fmt.symmetric:
+        raise ValueError(f"{prefix}: zero points {'missing' if zp is None else 'present'} for this format")
+    return QTensor(codes.to(torch.int8 if fmt.symmetric else torch.uint8), scale, zp, fmt)
+
+
+def record_tensors(name: str, rec: LayerRecord) -> dict[str, torch.Tensor]:
+    out = _qtensor_tensors(name, rec.weight)
+    if rec.branch is not None:
+        for part, f in (("proj_down", rec.branch.down), ("proj_up", rec.branch.up)):
+            if isinstance(f, QTensor):
+                out.update(_qtensor_tensors(f"{name}.{part}", f))
+            else:
+                out[f"{name}.{part}"] = f.contiguous().clone()
+    return out
+
+
+def record_meta(rec: LayerRecord) -> dict:
+    b = rec.branch
+    return {"shape": [rec.in_features, rec.out_features], "format": to_dict(rec.fmt), "method": rec.method,
+            "branch": None if b is None else {"rank": b.rank, "format": to_dict(b.fmt),
+                                              "down_format": to_dict(b.down.fmt) if isinstance(b.down, QTensor) else None,
+                                              "up_format": to_dict(b.up.fmt) if isinstance(b.up, QTensor) else None},
+            "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
+
+
+def record_from(name: str, t: dict, meta: dict) -> LayerRecord:
+    k, n = meta["shape"]
+    if meta.get("smooth") or meta.get("act_scales"):  # written by loraq 0.1 from code no command reached
+        raise ValueError(f"{name}: smoothing or static activation scales are not supported")
+    fmt = from_dict(LayerFormat, meta["format"])
+    weight = _qtensor_from(name, t, fmt.weight, (k, n))
+    branch = None
+    if meta["branch"] is not None:
+        bm = meta["branch"]
+        bfmt, r = from_dict(BranchFormat, bm["format"]), bm["rank"]
+        factors = []
+        for part, shape, fkey in (("proj_down", (k, r), "down_format"), ("proj_up", (r, n), "up_format")):
+            if bm[fkey] is None:
+                f = t[f"{name}.{part}"]
+                if tuple(f.shape) != shape:
+                    raise ValueError(f"{name}.{part} has shape {tuple(f.shape)}, config says {shape}")
+            else:
+                f = _qtensor_from(f"{name}.{part}", t, from_dict(WeightFormat, bm[fkey]), shape)
+            factors.append(f)
+        branch = Branch(factors[0], factors[1], bfmt)
+    return LayerRecord(weight, fmt, branch, method=meta.get("method", ""), stats={"rel_error": meta.get("rel_error")})
+
+
+def record_bytes(name: str, rec: LayerRecord) -> bytes:
+    """One layer as a self-describing safetensors blob (resumable runs, distributed gathering)."""
+    return save(record_tensors(name, rec), metadata={"layer": name, "meta": json.dumps(record_meta(rec), sort_keys=True)})
+
+
+def record_from_bytes(data: bytes, meta_json: str, name: str) -> LayerRecord:
+    return record_from(name, load(data), json.loads(meta_json))
