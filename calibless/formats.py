@@ -18,6 +18,14 @@ WEIGHT_BITS = (4, 6, 8)
 ACT_BITS = (4, 6, 8)
 GROUP_SIZES = (None, 32, 64, 128)
 ACT_MODES = ("none", "dynamic_per_token")
+# Activation groups and Hadamard blocks: powers of two in this range (a Hadamard block of B costs a
+# B x B constant and B multiply-adds per input value; past 1024 it is a dense rotation, not a block one).
+MIN_BLOCK, MAX_BLOCK = 2, 1024
+
+
+def is_block_size(n) -> bool:
+    """A power of two in [MIN_BLOCK, MAX_BLOCK]: what -ag<N> and -had<B> take."""
+    return isinstance(n, int) and not isinstance(n, bool) and MIN_BLOCK <= n <= MAX_BLOCK and not n & (n - 1)
 
 
 @dataclass(frozen=True)
@@ -52,18 +60,29 @@ class WeightFormat:
 @dataclass(frozen=True)
 class ActFormat:
     """Activation quantization: symmetric, dynamic per token (scales computed in the graph), or none.
+    ``group_size``: one scale per token per that many channels (None: one per token over the row).
     (Static per-tensor scales exist only in TensorRT graphs, set by its legalizer's calibration.)"""
 
     bits: Optional[int] = None
     mode: str = "none"
+    group_size: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in ACT_MODES:
             raise ValueError(f"activation mode must be one of {ACT_MODES}, got {self.mode!r}")
-        if self.mode == "none" and self.bits is not None:
-            raise ValueError("activation mode 'none' takes no bits")
+        if self.mode == "none" and (self.bits is not None or self.group_size is not None):
+            raise ValueError("activation mode 'none' takes no bits and no group")
         if self.mode != "none" and self.bits not in ACT_BITS:
             raise ValueError(f"activation bits must be one of {ACT_BITS}, got {self.bits}")
+        if self.group_size is not None and not is_block_size(self.group_size):
+            raise ValueError(f"activation group must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}, "
+                             f"got {self.group_size}")
+
+    def group_for(self, width: int) -> int:
+        """The channels each scale covers for an activation ``width`` wide: the group where it
+        splits the width, else the whole width (e.g. a rank-32 branch middle under -ag64)."""
+        g = self.group_size
+        return g if g is not None and g < width and width % g == 0 else width
 
     @property
     def enabled(self) -> bool:
@@ -103,8 +122,8 @@ class BranchFormat:
     act: ActFormat = NO_ACT
 
 
-def _dyn(bits: Optional[int]) -> ActFormat:
-    return NO_ACT if bits is None else ActFormat(bits, "dynamic_per_token")
+def _dyn(bits: Optional[int], group: Optional[int] = None) -> ActFormat:
+    return NO_ACT if bits is None else ActFormat(bits, "dynamic_per_token", group)
 
 
 # name -> (weight bits or None for 16-bit, activation bits or None for unquantized activations).
@@ -115,18 +134,19 @@ BRANCH_FORMATS = {"fp16": (None, None), "w8a8": (8, 8), "w6a6": (6, 6), "w4a8": 
 MAIN_FORMATS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
 
 
-def branch_format(name: str, group_size: Optional[int] = 64) -> BranchFormat:
+def branch_format(name: str, group_size: Optional[int] = 64, act_group: Optional[int] = None) -> BranchFormat:
     if name not in BRANCH_FORMATS:
         raise ValueError(f"unknown branch format {name!r}; choose one of {sorted(BRANCH_FORMATS)}")
     wbits, abits = BRANCH_FORMATS[name]
     weight = None if wbits is None else WeightFormat(wbits, True, group_size)
-    return BranchFormat(name, weight, _dyn(abits))
+    return BranchFormat(name, weight, _dyn(abits, act_group))
 
 
-def main_format(name: str, group_size: Optional[int] = 64, symmetric: bool = True) -> LayerFormat:
+def main_format(name: str, group_size: Optional[int] = 64, symmetric: bool = True,
+                act_group: Optional[int] = None) -> LayerFormat:
     if name not in MAIN_FORMATS:
         raise ValueError(f"unknown main format {name!r}; choose one of {sorted(MAIN_FORMATS)}")
-    return LayerFormat(WeightFormat(4, symmetric, group_size), _dyn(MAIN_FORMATS[name]))
+    return LayerFormat(WeightFormat(4, symmetric, group_size), _dyn(MAIN_FORMATS[name], act_group))
 
 
 @dataclass(frozen=True)
@@ -138,3 +158,8 @@ class FitSpec:
     rank: int = 0
     branch: Optional[BranchFormat] = None
     options: object = None
+    rotation: Optional[int] = None  # block of the online Walsh-Hadamard rotation of the input (-had<B>)
+
+    def __post_init__(self):
+        if self.rotation is not None and not is_block_size(self.rotation):
+            raise ValueError(f"Hadamard block must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}, got {self.rotation}")

@@ -33,3 +33,30 @@ def top_r(m: torch.Tensor, r: int, seed: int = 0, warm: Optional[torch.Tensor] =
     u, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
     root = s[:r].sqrt()
     return (q @ u[:, :r]) * root, root[:, None] * vh[:r]
+
+
+def r1svd(m: torch.Tensor, r: int, seed: int = 0, power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``r`` approximation by ``r`` rank-1 sketches with deflation (LoPRo's R1SVD, from the
+    same group's FLRQ, arXiv 2601.05684): p = (M M^T)^q M s with s Gaussian; u = p / |p|;
+    k = M^T u (its norm estimates the singular value); deflate M -= u k^T; repeat. Only
+    matrix-vector products: no QR, no SVD. Returns balanced factors like ``top_r``."""
+    m = m.detach().clone()
+    k, n = m.shape
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, r, generator=gen, dtype=m.dtype)
+    left, right = torch.zeros(k, r, dtype=m.dtype), torch.zeros(r, n, dtype=m.dtype)
+    for i in range(r):
+        p = m @ s[:, i]
+        for _ in range(power_iters):
+            p = m @ (m.T @ p)
+        norm = p.norm()
+        if norm == 0:
+            break  # the rest of the matrix is zero: the remaining factors stay zero
+        u = p / norm
+        kk = m.T @ u
+        sigma = kk.norm()
+        root = sigma.sqrt()
+        left[:, i] = u * root
+        right[i] = kk / sigma.clamp_min(1e-30) * root
+        m -= torch.outer(u, kk)
+    return left, right

@@ -116,14 +116,18 @@ def fake_quant_weight(w: torch.Tensor, fmt: WeightFormat, clip: Optional[torch.T
 
 
 def act_scale(x: torch.Tensor, fmt: ActFormat) -> torch.Tensor:
-    """Dynamic per-token scale: max |x| over the last axis / qmax, floored at ACT_SCALE_EPS."""
+    """Dynamic scales of ``x`` viewed as rows of one group each (see ``fake_quant_act``):
+    max |x| over the row / qmax, floored at ACT_SCALE_EPS."""
     scale = x.abs().amax(dim=-1, keepdim=True) / fmt.qmax
     return torch.clamp(scale, min=ACT_SCALE_EPS)
 
 
 def fake_quant_act(x: torch.Tensor, fmt: ActFormat) -> torch.Tensor:
-    """Symmetric activation quantize-dequantize (round half to even, as ONNX QuantizeLinear)."""
+    """Symmetric activation quantize-dequantize (round half to even, as ONNX QuantizeLinear), one
+    scale per token per ``fmt.group_for(width)`` channels. Computed on the view (-1, group), which
+    is exactly what the graph does: Reshape(-1, group), the per-row scale, Q/DQ, Reshape back."""
     if not fmt.enabled:
         return x
-    s = act_scale(x, fmt)
-    return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax) * s
+    rows = x.reshape(-1, fmt.group_for(x.shape[-1]))
+    s = act_scale(rows, fmt)
+    return (torch.clamp(torch.round(rows / s), fmt.qmin, fmt.qmax) * s).reshape(x.shape)

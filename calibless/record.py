@@ -9,6 +9,7 @@ import torch
 
 from calibless.formats import BranchFormat, LayerFormat, WeightFormat
 from calibless.quant import choose_qparams, dequantize, fake_quant_act, quantize
+from calibless.rotation import Rotation
 
 
 @dataclass
@@ -97,12 +98,14 @@ def up_format(fmt: BranchFormat) -> WeightFormat:
 class LayerRecord:
     """Everything needed to compute, store and export one quantized Linear layer.
 
-    Math: y = Qa(x) @ deq(W) + Qb2(Qb1(x) @ A) @ B + bias.
+    Math: x' = x P H (when rotated online; a folded rotation arrives already applied);
+    y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias, with W, A, B fitted on the rotated weight.
     """
 
-    weight: QTensor  # (in, out)
+    weight: QTensor  # (in, out), in the rotated basis when ``rotation`` is set
     fmt: LayerFormat
     branch: Optional[Branch] = None
+    rotation: Optional[Rotation] = None
     method: str = ""
     stats: dict = field(default_factory=dict)
 
@@ -115,14 +118,19 @@ class LayerRecord:
         return self.weight.shape[1]
 
     def effective_weight(self) -> torch.Tensor:
-        """The (in, out) matrix the layer applies when activations are not quantized."""
+        """The (in, out) matrix the layer applies to its unrotated input when activations are not
+        quantized (comparable with the FP weight)."""
         w = self.weight.dequantize()
         if self.branch is not None:
             w = w + self.branch.down_weight() @ self.branch.up_weight()
-        return w
+        if self.rotation is None or self.rotation.folded:
+            return w
+        return self.rotation.unrotate_weight(w)
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The exact reference computation, op for op what the QDQ ONNX graph computes."""
+        if self.rotation is not None and self.rotation.folded is None:
+            x = self.rotation.rotate_input(x)
         xm = fake_quant_act(x, self.fmt.act)
         y = xm @ self.weight.dequantize()
         if self.branch is not None:
@@ -138,6 +146,8 @@ class LayerRecord:
         bits = self.weight.stored_bits()
         if self.branch is not None:
             bits += self.branch.stored_bits()
+        if self.rotation is not None:
+            bits += self.rotation.stored_bits()
         return bits
 
     def bits_per_weight(self) -> float:

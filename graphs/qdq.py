@@ -3,13 +3,17 @@
 The FP graph comes from torch.onnx with one placeholder node ``loraq::LayerPlaceholder``
 (attribute ``layer``) per quantized Linear. ``write_qdq`` replaces each placeholder with:
 
-    y  = DQ(Q(x)) @ DQ(W_int4; axis 0, block)          main path: INT4 block weight DQ feeds MatMul
-       + DQ(Q(DQ(Q(x)) @ DQ(A))) @ DQ(B)               quantized low-rank branch
+    x' = Reshape(MatMul(Reshape(Gather(x, P), [-1, B]), H_B), Shape(x))   online rotation (-had<B>)
+    y  = DQ(Q(x')) @ DQ(W_int4; axis 0, block)        main path: INT4 block weight DQ feeds MatMul
+       + DQ(Q(DQ(Q(x')) @ DQ(A))) @ DQ(B)             quantized low-rank branch
        + bias
 
-Dynamic per-token activation scales are computed in the graph (Abs, ReduceMax over the last
-axis, Div by qmax, Max with a floor) and applied by a blocked QuantizeLinear whose block spans
-the whole last axis, so Q/DQ stay explicit nodes that ONNX Runtime and graph passes see.
+Dynamic activation scales are computed in the graph (Abs, ReduceMax over the last axis, Div by
+qmax, Max with a floor) and applied by a blocked QuantizeLinear whose block spans the last axis:
+per token over the whole row, or, with activation groups (-ag<N>), per row of the (-1, N) view
+of x (Reshape before, Reshape back after), i.e. one scale per token per N channels. Q/DQ stay
+explicit nodes that ONNX Runtime and graph passes see; a rotation MatMul reads a float constant,
+so checks and legalizers never take it for a quantized GEMM. One H_B constant serves every layer.
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ from graphs.tensors import QuantizedWeight, constant, dq_layout
 
 @dataclass
 class ActQuant:
-    """Dynamic per-token symmetric activation quantization to ``bits``."""
+    """Dynamic symmetric activation quantization to ``bits``, one scale per token per ``group``
+    channels (None: per token over the whole row)."""
 
     bits: int
+    group: Optional[int] = None
 
     @property
     def qmax(self) -> int:
@@ -47,14 +53,17 @@ class LayerSpec:
     up: Optional[Union[QuantizedWeight, np.ndarray]] = None
     branch_in: Optional[ActQuant] = None
     branch_mid: Optional[ActQuant] = None
+    rotation: Optional[int] = None  # online Hadamard block; None: no online rotation
+    rotation_perm: Optional[np.ndarray] = None  # int32 channel gather applied before it
 
 
 class _Writer:
-    def __init__(self, graph: gs.Graph, layer: str):
+    def __init__(self, graph: gs.Graph, layer: str, shared: dict):
         self.graph = graph
         self.layer = layer
         self.count = 0
         self.constants: dict[str, gs.Constant] = {}
+        self.shared = shared  # graph-wide constants (the Hadamard matrices), one initializer each
 
     def name(self, what: str) -> str:
         self.count += 1
@@ -88,10 +97,28 @@ class _Writer:
     def factor(self, what: str, f) -> gs.Variable:
         return self.weight(what, f) if isinstance(f, QuantizedWeight) else self.float_weight(what, f)
 
+    def rows(self, x: gs.Variable, width: int) -> tuple[gs.Variable, gs.Variable]:
+        """(x viewed as rows of ``width``, x's shape to restore it): rank-agnostic."""
+        shape = self.node("Shape", [x], out_dtype=np.int64)
+        return self.node("Reshape", [x, self.const(f"rows{width}", np.array([-1, width], np.int64))]), shape
+
+    def rotate(self, x: gs.Variable, block: int, perm: Optional[np.ndarray]) -> gs.Variable:
+        """x P H_B online: Gather, then the block Hadamard as MatMul on the (-1, B) view."""
+        if perm is not None:
+            x = self.node("Gather", [x, self.const("rotation_perm", perm.astype(np.int32))], {"axis": -1})
+        key = f"hadamard{block}"
+        if key not in self.shared:
+            self.shared[key] = constant(f"loraq.{key}", hadamard_matrix(block))
+        rows, shape = self.rows(x, block)
+        return self.node("Reshape", [self.node("MatMul", [rows, self.shared[key]]), shape])
+
     def act(self, x: gs.Variable, q: Optional[ActQuant], width: int) -> gs.Variable:
         """Q/DQ of an activation whose last axis has ``width`` elements."""
         if q is None:
             return x
+        if q.group is not None and q.group < width:
+            rows, shape = self.rows(x, q.group)
+            return self.node("Reshape", [self.act(rows, ActQuant(q.bits), q.group), shape])
         otype = TensorProto.INT4 if q.bits == 4 else TensorProto.INT8
         amax = self.node("ReduceMax", [self.node("Abs", [x]), self.const("axes_last", np.array([-1], np.int64))],
                          {"keepdims": 1})
@@ -102,10 +129,22 @@ class _Writer:
         return self.node("DequantizeLinear", [qx, s], attrs)
 
 
-def write_layer(graph: gs.Graph, layer: str, q: LayerSpec, x: gs.Variable, y: gs.Variable) -> None:
+def hadamard_matrix(b: int) -> np.ndarray:
+    """The normalized Walsh-Hadamard matrix of order ``b`` (Sylvester), float32; equal to
+    calibless.rotation.hadamard (tests/test_constants.py)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(b)).astype(np.float32)
+
+
+def write_layer(graph: gs.Graph, layer: str, q: LayerSpec, x: gs.Variable, y: gs.Variable,
+                shared: Optional[dict] = None) -> None:
     """Append the QDQ subgraph computing ``y`` from ``x`` for one layer."""
-    w = _Writer(graph, layer)
+    w = _Writer(graph, layer, {} if shared is None else shared)
     k = q.weight.k
+    if q.rotation is not None:
+        x = w.rotate(x, q.rotation, q.rotation_perm)
     out = w.node("MatMul", [w.act(x, q.act, k), w.weight("weight", q.weight)])
     if q.down is not None:
         rank = q.down.codes.shape[1] if isinstance(q.down, QuantizedWeight) else q.down.shape[1]
@@ -135,7 +174,7 @@ def placeholder_io(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
 def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.ModelProto:
     """Replace every placeholder with its layer's QDQ subgraph."""
     graph = gs.import_onnx(model)
-    found = set()
+    found, shared = set(), {}
     for node in [n for n in graph.nodes if n.op == PLACEHOLDER_OP and n.domain == PLACEHOLDER_DOMAIN]:
         if "layer" not in node.attrs:
             raise ValueError(f"placeholder node {node.name} has no 'layer' attribute")
@@ -146,7 +185,7 @@ def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.Mode
         x, y = node.inputs[0], node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()
-        write_layer(graph, layer, layers[layer], x, y)
+        write_layer(graph, layer, layers[layer], x, y, shared)
     missing = set(layers) - found
     if missing:
         raise KeyError(f"quantized layers with no placeholder in the graph: {sorted(missing)[:5]}")

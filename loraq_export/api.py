@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
 
+from calibless.methods import get_method
+from loraq_export.fit.folds import fold_rotations
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.plan import plan_layers
 from loraq_export.fit.recipes import Recipe, load_recipe
@@ -22,14 +25,16 @@ from loraq_export.fit.swap import swap_in
 
 def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method: Optional[str] = None,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, seed: int = 0,
-              workers: Optional[int] = 1, progress: bool = False) -> nn.Module:
+              workers: Optional[int] = 1, progress: bool = False, example_inputs: Optional[tuple] = None) -> nn.Module:
     """Quantize ``module``'s Linear layers in place and return it.
 
     ``recipe``: a recipe string or file (default ``w4a16-g64-r32-w8a8``) or a loaded ``Recipe``;
     ``method``: overrides the recipe's method; ``filter_fn(linear, fully_qualified_name)``: which
     Linear layers to quantize (default: all; the recipe's include/exclude patterns apply first);
-    ``workers``: fitting processes (None: one per core). The fitted records are on each
-    ``LoraqLinear`` as ``.record``.
+    ``workers``: fitting processes (None: one per core); ``example_inputs``: a tuple for
+    ``module(*example_inputs)``, which lets -had<B> rotations be folded into attention value
+    projections where exact (loraq_export/fit/folds.py; without it every rotation runs online).
+    The fitted records are on each ``LoraqLinear`` as ``.record``.
     """
     rec = load_recipe(recipe, method) if recipe is None or isinstance(recipe, str) else recipe.with_method(method)
 
@@ -39,6 +44,17 @@ def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method
         return False, "not selected by filter_fn"
 
     plans = plan_layers(module, rec, select, type(module).__name__)
+    if example_inputs is not None and not get_method(rec.method).rotates:
+        fold_rotations(module, plans, lambda: _first_tensor(module(*example_inputs)))
     records = fit_layers(module, plans, rec.method, seed=seed, workers=workers, progress=progress)
     swap_in(module, records)
     return module
+
+
+def _first_tensor(out):
+    """The output to compare: a tensor, or the first tensor of a tuple / model output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return next(t for t in out if isinstance(t, torch.Tensor))

@@ -19,9 +19,20 @@ def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
             row.update(method=rec.method, rel_error=round(rec.stats["rel_error"], 6),
                        seconds=round(rec.stats["seconds"], 3) if "seconds" in rec.stats else None,
                        bits_per_weight=round(rec.bits_per_weight(), 4),
-                       branch=None if rec.branch is None else f"r{rec.branch.rank} {rec.branch.fmt.name}")
+                       branch=None if rec.branch is None else f"r{rec.branch.rank} {rec.branch.fmt.name}",
+                       rotation=rotation_status(rec))
         rows.append(row)
     return rows
+
+
+def rotation_status(rec) -> str:
+    """'off', 'online (block B)', or 'folded into <producer> (block B)': how the layer's input
+    rotation runs in the exported graph."""
+    r = rec.rotation
+    if r is None:
+        return "off"
+    perm = ", permuted" if r.perm is not None else ""
+    return f"folded into {r.folded} (block {r.block}{perm})" if r.folded else f"online (block {r.block}{perm})"
 
 
 def size_summary(loaded: LoadedModel, records: dict) -> dict:
@@ -72,6 +83,10 @@ def format_summary(report: dict, out: Path) -> str:
         f"  size: {z['quantized_bits_per_weight']:.3f} bits/weight in quantized layers, "
         f"{z['quantized_layers_bytes'] / 2**20:.2f} MiB vs {z['quantized_layers_bytes_fp32'] / 2**20:.2f} MiB fp32",
     ]
+    rot = [l["rotation"] for l in report["layers"] if l.get("rotation", "off") != "off"]
+    if rot:
+        folded = sum(r.startswith("folded") for r in rot)
+        lines.append(f"  rotation: {len(rot) - folded} layer(s) rotated online, {folded} folded into their producer")
     if v is not None:
         lines.append(f"  ONNX Runtime vs torch: layers agree to {v['worst_layer']['rel_l2']:.1e} (rel L2; "
                      f"{v['worst_layer']['disagreeing']:.2%} of elements off), "

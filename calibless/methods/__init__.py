@@ -18,6 +18,7 @@ import torch
 from calibless.config import ConfigError, from_dict
 from calibless.formats import FitSpec
 from calibless.record import LayerRecord, relative_error
+from calibless.rotation import Rotation
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,15 @@ class Method:
     fit: Callable[..., LayerRecord]
     options: type
     uses_branch: bool  # fits a low-rank branch (the recipe must give a rank and branch format)
+    rotates: bool  # chooses its own input rotation (else the recipe's -had<B>, applied here, if any)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, options: type = NoOptions, uses_branch: bool = False):
+def register_method(name: str, options: type = NoOptions, uses_branch: bool = False, rotates: bool = False):
     def deco(fn):
-        METHODS[name] = Method(name, fn, options, uses_branch)
+        METHODS[name] = Method(name, fn, options, uses_branch, rotates)
         return fn
     return deco
 
@@ -58,8 +60,14 @@ def method_options(name: str, raw: Optional[dict] = None):
         raise ValueError(str(e)) from None
 
 
-def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0) -> LayerRecord:
-    """Fit one layer and record the method, time and relative weight error in ``stats``."""
+def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
+              folded_by: Optional[str] = None) -> LayerRecord:
+    """Fit one layer and record the method, time and relative weight error in ``stats``.
+
+    With ``spec.rotation`` the weight is rotated offline (H^T W) and the method fits that; the
+    record carries the rotation, applied online to the input. ``folded_by`` names the producer
+    layer that already applies it: ``w`` is then the model's weight, already rotated (see
+    loraq_export/fit/folds.py), and the rotation is recorded, not applied."""
     m = get_method(method)
     w = w.detach().float()
     if not torch.isfinite(w).all():
@@ -73,10 +81,23 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0) -> Lay
     r = spec.rank if m.uses_branch else 0
     if r > min(w.shape):
         raise ValueError(f"rank {r} is larger than min(in, out) = {min(w.shape)}")
+    if folded_by is not None and (m.rotates or spec.rotation is None):
+        raise ValueError(f"method {method!r}: a folded rotation needs the recipe's -had<B> and a method that does "
+                         "not choose its own rotation")
+    if spec.rotation is not None and w.shape[0] % spec.rotation:
+        raise ValueError(f"Hadamard block {spec.rotation} does not divide in_features {w.shape[0]}")
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            q = m.fit(w, spec, seed=seed)
+            if folded_by is not None:  # the model's weight is already in the rotated basis
+                q = m.fit(w, spec, seed=seed)
+                q.rotation = Rotation(spec.rotation, folded=folded_by)
+            elif spec.rotation is not None and not m.rotates:
+                rot = Rotation(spec.rotation)
+                q = m.fit(rot.rotate_weight(w), spec, seed=seed)
+                q.rotation = rot
+            else:
+                q = m.fit(w, spec, seed=seed)
     except torch.linalg.LinAlgError as e:  # e.g. an SVD overflowing float32 on huge weights
         raise ValueError(f"method {method!r} failed on this layer ({str(e).splitlines()[0]}), max |w| = "
                          f"{float(w.abs().max()):.3g}; check the weights or use --method rtn") from None
@@ -88,4 +109,4 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0) -> Lay
     return q
 
 
-from calibless.methods import rtn, lqer, svdquant, loraq  # noqa: E402,F401  (registration)
+from calibless.methods import rtn, lqer, svdquant, loraq, lopro  # noqa: E402,F401  (registration)

@@ -7,7 +7,7 @@ from pathlib import Path
 from loraq_export.errors import UserError
 from loraq_export.fit.distributed import Dist
 from loraq_export.fit.parallel import fit_layers
-from loraq_export.fit.plan import plan_layers
+from loraq_export.fit.folds import plan_and_fold
 from loraq_export.fit.recipes import load_recipe
 from loraq_export.models import load_model
 from loraq_export.report import build_report, format_summary
@@ -42,7 +42,7 @@ def fit_checkpointable(opts, dist: Dist):
             problem = str(e)
     dist.broadcast_error(problem)
     loaded = load_model(opts.model, opts.num_layers, opts.seed)
-    plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
+    plans = plan_and_fold(loaded, recipe, opts.seed)
     times["load"] = round(time.perf_counter() - t, 3)
     partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))
     done = partial.load()

@@ -9,7 +9,8 @@ import torch
 
 from loraq_export.errors import UserError
 from loraq_export.export.deploy import refuse_undeployable
-from loraq_export.fit.plan import LayerPlan, plan_layers
+from loraq_export.fit.folds import plan_and_fold
+from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import Recipe, load_recipe, recipe_from_json
 from loraq_export.models import LoadedModel, load_model
 from loraq_export.options import Options
@@ -47,7 +48,7 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
-        plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
+        plans = plan_and_fold(loaded, recipe, opts.seed)
     return ExportSource(loaded, recipe, plans, None, loaded)
 
 

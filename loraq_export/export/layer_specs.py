@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from calibless.formats import ActFormat
@@ -23,8 +24,12 @@ def quantized_weight(q: QTensor) -> QuantizedWeight:
     return QuantizedWeight(codes, _np(q.scale.float()), zp, q.codes.shape[0] // q.scale.shape[0])
 
 
-def act_quant(fmt: ActFormat) -> Optional[ActQuant]:
-    return ActQuant(fmt.bits) if fmt.enabled else None
+def act_quant(fmt: ActFormat, width: int) -> Optional[ActQuant]:
+    """The writer's quantizer for an activation ``width`` wide (the group where it splits the width)."""
+    if not fmt.enabled:
+        return None
+    g = fmt.group_for(width)
+    return ActQuant(fmt.bits, None if g == width else g)
 
 
 def _factor(f):
@@ -32,10 +37,15 @@ def _factor(f):
 
 
 def layer_spec(rec: LayerRecord, bias: Optional[torch.Tensor]) -> LayerSpec:
-    out = LayerSpec(weight=quantized_weight(rec.weight), act=act_quant(rec.fmt.act), bias=_np(bias))
+    k = rec.in_features
+    out = LayerSpec(weight=quantized_weight(rec.weight), act=act_quant(rec.fmt.act, k), bias=_np(bias))
     if rec.branch is not None:
         b = rec.branch
         out.down, out.up = _factor(b.down), _factor(b.up)
-        out.branch_in = act_quant(b.fmt.act)
-        out.branch_mid = act_quant(b.fmt.act)
+        out.branch_in = act_quant(b.fmt.act, k)
+        out.branch_mid = act_quant(b.fmt.act, b.rank)
+    rot = rec.rotation
+    if rot is not None and rot.folded is None:  # a folded rotation is applied by the producer
+        out.rotation = rot.block
+        out.rotation_perm = None if rot.perm is None else rot.perm.numpy().astype(np.int32)
     return out

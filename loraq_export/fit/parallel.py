@@ -27,10 +27,11 @@ def layer_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode())
 
 
-def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int) -> tuple[str, LayerRecord]:
+def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int,
+             folded_by: Optional[str]) -> tuple[str, LayerRecord]:
     torch.set_num_threads(1)
     try:
-        return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name))
+        return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name), folded_by=folded_by)
     except ValueError as e:  # the method refusing this layer's input
         raise UserError(f"layer {name}: {e}") from None
 
@@ -58,7 +59,8 @@ def fit_layers(module: nn.Module, plans: list[LayerPlan], method: str, seed: int
     workers = min(workers or default_workers(), max(1, len(todo)))
     bar = tqdm(total=len(todo), desc=f"fitting ({method}, {workers} proc)", unit="layer", disable=not progress,
                dynamic_ncols=True)
-    jobs = [(p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed) for p in todo]
+    jobs = [(p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed, p.folded_by)
+            for p in todo]
     try:
         if workers == 1:
             threads = torch.get_num_threads()

@@ -2,7 +2,8 @@
 
 A layer is quantized when the recipe's include/exclude patterns (or else the model's own rule)
 select it and its in_features is divisible by the recipe's group size (never padded: otherwise it
-stays in high precision and the report says why). A rank above min(in, out) is an error.
+stays in high precision and the report says why). A rank above min(in, out), or a Hadamard block
+or activation group that does not divide a selected layer's in_features, is an error.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class LayerPlan:
     quantize: bool
     reason: str
     spec: Optional[FitSpec] = None
+    folded_by: Optional[str] = None  # the producer layer that applies this layer's input rotation (fit/folds.py)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": [self.in_features, self.out_features],
@@ -53,6 +55,8 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
             if k % g:
                 # Refused per layer (never padded): the layer stays in high precision and is reported.
                 quantize, reason, spec = False, f"in_features {k} not divisible by group size {g}: kept in high precision", None
+        if quantize:
+            _check_blocks(name, k, spec, recipe.name)
         if quantize and uses_branch:
             if spec.branch is None:
                 raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
@@ -64,3 +68,12 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
     if not any(p.quantize for p in plans):
         raise UserError(f"no Linear layer of {model_name} is selected for quantization; check the recipe's include/exclude patterns")
     return plans
+
+
+def _check_blocks(name: str, k: int, spec: FitSpec, recipe: str) -> None:
+    """-had<B> and -ag<N> must split every selected layer's input width (never padded)."""
+    acts = [spec.main.act] + ([spec.branch.act] if spec.branch is not None else [])
+    for what, n in (("Hadamard block -had", spec.rotation), *(("activation group -ag", a.group_size) for a in acts)):
+        if n is not None and k % n:
+            raise UserError(f"recipe {recipe}: {what}{n} does not divide the {k} inputs of layer {name}; "
+                            f"use a block that divides {k}, or exclude the layer")

@@ -1,8 +1,10 @@
 """Recipes: one name for the whole quantization setup, as a string or a YAML/JSON file.
 
-String form: ``<main>-g<group>[-r<rank>-<branch>][-asym]``, e.g. ``w4a4-g64-r32-w8a8``
-(main W4A4, weights in groups of 64 along the input dim, rank-32 branch in W8A8).
-``g<group>`` is ``g32``, ``g64``, ``g128`` or ``gch`` (per output channel).
+String form: ``<main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym]``, e.g.
+``w4a4-g64-ag64-r32-w8a8-had64`` (main W4A4, weights in groups of 64 along the input dim,
+activations quantized per token per 64 channels, rank-32 branch in W8A8, inputs rotated online by
+a block Walsh-Hadamard of 64). ``g<group>`` is ``g32``, ``g64``, ``g128`` or ``gch`` (per output
+channel); N and B are powers of two.
 
 File form (YAML or JSON)::
 
@@ -23,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from calibless.formats import (BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS, BranchFormat, FitSpec, LayerFormat,
-                               branch_format, main_format)
+from calibless.formats import (BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS, MAX_BLOCK, MIN_BLOCK, BranchFormat,
+                               FitSpec, LayerFormat, branch_format, is_block_size, main_format)
 from calibless.methods import METHODS, method_options
 from loraq_export.errors import UserError
 
@@ -43,16 +45,27 @@ class LayerRecipe:
     main: LayerFormat
     rank: int = 0
     branch: Optional[BranchFormat] = None
+    rotation: Optional[int] = None  # -had<B>: online block Hadamard of the input
+
+
+_AG = re.compile(r"^ag(\d+)$")
+_HAD = re.compile(r"^had(\d+)$")
+ORDER = "r<rank>-<branch format>, ag<N>, had<B> or asym, in the order <main>-g<group>-ag<N>-r<rank>-<branch>-had<B>-asym"
+
+
+def _block(m: re.Match, bad: str, what: str, token: str) -> int:
+    n = int(m.group(1))
+    if not is_block_size(n):
+        raise UserError(f"{bad}: {what} {n} is not a power of two from {MIN_BLOCK} to {MAX_BLOCK}; e.g. -{token}64")
+    return n
 
 
 def parse_layer_recipe(text: str) -> LayerRecipe:
+    """``<main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym]``."""
     bad = f"bad recipe {text!r}"
     parts = str(text).strip().lower().split("-")
     if len(parts) < 2:
         raise UserError(f"{bad}: expected <main>-g<group>[-r<rank>-<branch>]; {EXAMPLE}")
-    asym = parts[-1] == "asym"
-    if asym:
-        parts = parts[:-1]
     if parts[0] not in MAIN_FORMATS:
         raise UserError(f"{bad}: unknown main format {parts[0]!r}; choose one of {', '.join(MAIN_FORMATS)}")
     m = _GROUP.match(parts[1])
@@ -61,24 +74,35 @@ def parse_layer_recipe(text: str) -> LayerRecipe:
     group = None if m.group(1) == "ch" else int(m.group(1))
     if group not in GROUP_SIZES:
         raise UserError(f"{bad}: group size {group} is not supported; use g32, g64, g128 or gch")
-    main = main_format(parts[0], group, symmetric=not asym)
-    rest = parts[2:]
-    if not rest:
-        return LayerRecipe(_canonical(parts[0], parts[1], 0, None, asym), main)
-    r = _RANK.match(rest[0])
-    if not r or len(rest) != 2:
-        raise UserError(f"{bad}: after the group size expected r<rank>-<branch format>; {EXAMPLE}")
-    rank = int(r.group(1))
-    if rank < 1:
-        raise UserError(f"{bad}: rank must be at least 1")
-    if rest[1] not in BRANCH_FORMATS:
-        raise UserError(f"{bad}: unknown branch format {rest[1]!r}; choose one of {', '.join(BRANCH_FORMATS)}")
-    return LayerRecipe(_canonical(parts[0], parts[1], rank, rest[1], asym), main, rank, branch_format(rest[1], group))
-
-
-def _canonical(main, group, rank, branch, asym):
-    s = f"{main}-{group}" + (f"-r{rank}-{branch}" if branch else "")
-    return s + ("-asym" if asym else "")
+    tokens = parts[2:]
+    asym = bool(tokens) and tokens[-1] == "asym"
+    tokens = tokens[:-1] if asym else tokens
+    act_group = rotation = branch = None
+    rank = 0
+    if tokens and _AG.match(tokens[0]):
+        act_group = _block(_AG.match(tokens.pop(0)), bad, "activation group", "ag")
+    if tokens and _RANK.match(tokens[0]):
+        if len(tokens) < 2 or _HAD.match(tokens[1]):
+            raise UserError(f"{bad}: after the group size expected r<rank>-<branch format>; {EXAMPLE}")
+        rank, branch = int(_RANK.match(tokens[0]).group(1)), tokens[1]
+        tokens = tokens[2:]
+        if rank < 1:
+            raise UserError(f"{bad}: rank must be at least 1")
+        if branch not in BRANCH_FORMATS:
+            raise UserError(f"{bad}: unknown branch format {branch!r}; choose one of {', '.join(BRANCH_FORMATS)}")
+    if tokens and _HAD.match(tokens[0]):
+        rotation = _block(_HAD.match(tokens.pop(0)), bad, "Hadamard block", "had")
+    if tokens:
+        raise UserError(f"{bad}: unexpected {tokens[0]!r}; after the group size expected {ORDER}; {EXAMPLE}")
+    main = main_format(parts[0], group, symmetric=not asym, act_group=act_group)
+    bformat = None if branch is None else branch_format(branch, group, act_group)
+    if act_group is not None and not main.act.enabled and not (bformat is not None and bformat.act.enabled):
+        raise UserError(f"{bad}: -ag{act_group} groups quantized activations, and this recipe quantizes none; "
+                        "use a w4a8/w4a4 main format or a branch such as w8a8, or drop -ag")
+    name = "-".join([parts[0], parts[1]] + ([f"ag{act_group}"] if act_group else [])
+                    + ([f"r{rank}", branch] if branch else []) + ([f"had{rotation}"] if rotation else [])
+                    + (["asym"] if asym else []))
+    return LayerRecipe(name, main, rank, bformat, rotation)
 
 
 @dataclass(frozen=True)
@@ -110,7 +134,7 @@ class Recipe:
 
     def spec_for(self, module_name: str) -> FitSpec:
         lr = self.layer_recipe(module_name)
-        return FitSpec(lr.main, lr.rank, lr.branch, self.method_options())
+        return FitSpec(lr.main, lr.rank, lr.branch, self.method_options(), lr.rotation)
 
     def pattern_decision(self, module_name: str) -> Optional[tuple[bool, str]]:
         """(quantize?, reason) when the recipe's patterns decide, None to use the model's default."""

@@ -25,7 +25,15 @@ class _Placeholder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, out_features):
-        return _EXPORTING[layer](x)
+        # The symbolic node replaces whatever this computes; tracing its ops would only record
+        # them into a graph that is thrown away, and the TorchScript tracer fails on some of
+        # them (a reshape of a placeholder's output, as the input rotation does).
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return _EXPORTING[layer](x)
+        finally:
+            torch._C._set_tracing_state(state)
 
     @staticmethod
     def symbolic(g, x, layer, out_features):

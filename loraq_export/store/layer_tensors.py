@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load, save
 
 from calibless.config import from_dict, to_dict
-from calibless.formats import BranchFormat, LayerFormat, WeightFormat
+from calibless.formats import BranchFormat, LayerFormat, WeightFormat, is_block_size
 from calibless.packing import pack_int4, unpack_int4
 from calibless.record import Branch, LayerRecord, QTensor
+from calibless.rotation import Rotation
 
 
 def _qtensor_tensors(prefix: str, q: QTensor) -> dict[str, torch.Tensor]:
@@ -54,6 +55,8 @@ def record_tensors(name: str, rec: LayerRecord) -> dict[str, torch.Tensor]:
                 out.update(_qtensor_tensors(f"{name}.{part}", f))
             else:
                 out[f"{name}.{part}"] = f.contiguous().clone()
+    if rec.rotation is not None and rec.rotation.perm is not None:
+        out[f"{name}.rotation_perm"] = rec.rotation.perm.to(torch.int32).contiguous()
     return out
 
 
@@ -63,6 +66,8 @@ def record_meta(rec: LayerRecord) -> dict:
             "branch": None if b is None else {"rank": b.rank, "format": to_dict(b.fmt),
                                               "down_format": to_dict(b.down.fmt) if isinstance(b.down, QTensor) else None,
                                               "up_format": to_dict(b.up.fmt) if isinstance(b.up, QTensor) else None},
+            "rotation": None if rec.rotation is None else {"block": rec.rotation.block, "perm": rec.rotation.perm is not None,
+                                                            "folded": rec.rotation.folded},
             "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
 
 
@@ -86,7 +91,21 @@ def record_from(name: str, t: dict, meta: dict) -> LayerRecord:
                 f = _qtensor_from(f"{name}.{part}", t, from_dict(WeightFormat, bm[fkey]), shape)
             factors.append(f)
         branch = Branch(factors[0], factors[1], bfmt)
-    return LayerRecord(weight, fmt, branch, method=meta.get("method", ""), stats={"rel_error": meta.get("rel_error")})
+    return LayerRecord(weight, fmt, branch, _rotation_from(name, t, meta.get("rotation"), k), method=meta.get("method", ""),
+                       stats={"rel_error": meta.get("rel_error")})
+
+
+def _rotation_from(name: str, t: dict, meta, k: int):
+    if meta is None:
+        return None
+    block, perm = meta["block"], None
+    if not is_block_size(block) or k % block:
+        raise ValueError(f"{name}: rotation block {block} is not a power of two dividing {k}")
+    if meta["perm"]:
+        perm = t[f"{name}.rotation_perm"].to(torch.int64)
+        if sorted(perm.tolist()) != list(range(k)):
+            raise ValueError(f"{name}.rotation_perm is not a permutation of {k} channels")
+    return Rotation(block, perm, meta.get("folded"))
 
 
 def record_bytes(name: str, rec: LayerRecord) -> bytes:
