@@ -33,18 +33,23 @@ def random_weight(rng: np.random.Generator, k: int, n: int, bits: int = 4, block
     return QuantizedWeight(codes, s, None if zp is None else zp.astype(dtype), k // blocks)
 
 
-def _act(bits: Optional[int]) -> Optional[ActQuant]:
-    return None if bits is None else ActQuant(bits)
+def _act(bits: Optional[int], group: Optional[int] = None, width: int = 0) -> Optional[ActQuant]:
+    if bits is None:
+        return None
+    return ActQuant(bits, group if group is not None and group < width and width % group == 0 else None)
 
 
 def layer_spec(k: int, n: int, rank: int = 0, *, main_act: Optional[int] = None, branch: Optional[str] = "w4a8",
-               block: Optional[int] = 64, bias: bool = True, symmetric: bool = True, seed: int = 0) -> LayerSpec:
+               block: Optional[int] = 64, bias: bool = True, symmetric: bool = True, act_group: Optional[int] = None,
+               rotation: Optional[int] = None, seed: int = 0) -> LayerSpec:
     """One layer: INT4 main weight (blocks of ``block`` along K) with activation bits ``main_act``
     (None: W4A16), plus a rank-``rank`` branch in format ``branch`` ('w4a8', 'w4a4', 'w8a8',
-    'w6a6', 'fp16' or 'w4a16': INT4 factors, unquantized branch activations)."""
+    'w6a6', 'fp16' or 'w4a16': INT4 factors, unquantized branch activations); ``act_group``:
+    activation scales per token per that many channels (-ag); ``rotation``: online Hadamard block
+    (-had)."""
     rng = np.random.default_rng(seed)
     rec = LayerSpec(weight=random_weight(rng, k, n, 4, block, symmetric, scale=1.0 / np.sqrt(k) / 4),
-                    act=_act(main_act))
+                    act=_act(main_act, act_group, k), rotation=rotation)
     if bias:
         rec.bias = (0.1 * rng.standard_normal(n)).astype(np.float32)
     if rank:
@@ -56,8 +61,8 @@ def layer_spec(k: int, n: int, rank: int = 0, *, main_act: Optional[int] = None,
         down_block = block if (block is not None and k % block == 0) else None  # as calibless.record.down_format
         rec.down = random_weight(rng, k, rank, wbits, down_block, True, scale=1.0 / np.sqrt(k) / 4)
         rec.up = random_weight(rng, rank, n, wbits, None, True, scale=0.1 / np.sqrt(rank) / 4)
-        rec.branch_in = _act(abits)
-        rec.branch_mid = _act(abits)
+        rec.branch_in = _act(abits, act_group, k)
+        rec.branch_mid = _act(abits, act_group, rank)
     return rec
 
 
