@@ -110,3 +110,5 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
 
 
 from calibless.methods import rtn, lqer, svdquant, loraq, lopro  # noqa: E402,F401  (registration)
+from calibless.methods import hqq  # noqa: E402,F401  (registration: HQQ)
+from calibless.methods import lrq  # noqa: E402,F401  (registration: LRQ)
