@@ -51,7 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
                                          "shardable with torchrun --nproc-per-node N -m loraq_export.cli quantize ...)")
     _add_common(qu)
     qu.set_defaults(func=cmd_quantize)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    be = sub.add_parser("bench", help="fit, export and measure every (method, recipe) pair; tables and a plot of "
+                                      "quality against bits (resumable; shardable with torchrun like quantize)")
+    be.add_argument("model", nargs="?", default=None, help="as for export: 'minilm' (default), a preset, or a folder")
+    be.add_argument("--methods", default=None, help="comma-separated: any registered method (rtn, hqq, lqer, svdquant, "
+                                                    "loraq, lrq, ...) or ort-rtn (ONNX Runtime's quantizer); "
+                                                    "default: the peers and the branch methods")
+    be.add_argument("--recipes", default=None, help="comma-separated recipe strings (default: three from 4.6 to 5.6 "
+                                                    "bits per weight on MiniLM)")
+    be.add_argument("--out", type=Path, default=Path("loraq-bench"),
+                    help="output directory (default loraq-bench); re-running with the same one skips finished pairs")
+    be.add_argument("--latency", action="store_true", help="also time each model against FP in ONNX Runtime (slow)")
+    be.add_argument("--num-layers", type=int, default=None, help="presets only: build a shallower copy")
+    be.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
+    be.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
+    be.add_argument("--no-progress", action="store_true", help="no progress bar")
+    be.set_defaults(func=cmd_bench)
 
 
 def _options(args, default_out: str):
@@ -82,18 +102,34 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import shlex
+    from loraq_export.commands.bench import DEFAULT_METHODS, DEFAULT_RECIPES, BenchOptions, run_bench
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    run_bench(BenchOptions(model=args.model, methods=args.methods or DEFAULT_METHODS,
+                           recipes=args.recipes or DEFAULT_RECIPES, out=args.out,
+                           num_layers=args.num_layers, seed=args.seed, workers=args.workers, latency=args.latency,
+                           progress=not args.no_progress, command=" ".join(["loraq", *map(shlex.quote, argv)])))
+    return 0
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local: never reach for a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = None
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except UserError as e:
         print(f"loraq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args is not None and args.command == "quantize":
+        if args is not None and args.command == "bench":
+            print("loraq: interrupted; finished pairs are kept: re-run the same command to resume", file=sys.stderr)
+        elif args is not None and args.command == "quantize":
             print("loraq: interrupted; the output was not written, finished layers are kept: "
                   "re-run the same command to resume", file=sys.stderr)
         else:
