@@ -31,16 +31,20 @@ class Method:
     name: str
     fit: Callable[..., LayerRecord]
     options: type
-    uses_branch: bool  # fits a low-rank branch (the recipe must give a rank and branch format)
+    uses_branch: bool  # fits a low-rank branch (a recipe for it must give one, at least for some layers)
     rotates: bool  # chooses its own input rotation (else the recipe's -had<B>, applied here, if any)
+    # how a branch method fits a layer that its recipe gives no branch (rank 0, e.g. in a budget
+    # allocation); None: round to nearest
+    without_branch: Optional[Callable[..., LayerRecord]] = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, options: type = NoOptions, uses_branch: bool = False, rotates: bool = False):
+def register_method(name: str, options: type = NoOptions, uses_branch: bool = False, rotates: bool = False,
+                    without_branch: Optional[Callable[..., LayerRecord]] = None):
     def deco(fn):
-        METHODS[name] = Method(name, fn, options, uses_branch, rotates)
+        METHODS[name] = Method(name, fn, options, uses_branch, rotates, without_branch)
         return fn
     return deco
 
@@ -76,8 +80,10 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
         spec = replace(spec, options=m.options())
     elif not isinstance(spec.options, m.options):
         raise ValueError(f"method {method!r} takes {m.options.__name__}, got {type(spec.options).__name__}")
+    fit = m.fit
     if m.uses_branch and (spec.branch is None or spec.rank < 1):
-        raise ValueError(f"method {method!r} fits a low-rank branch: give the recipe a rank and branch format, e.g. -r32-w8a8")
+        spec = replace(spec, rank=0, branch=None)
+        fit = m.without_branch or METHODS["rtn"].fit
     r = spec.rank if m.uses_branch else 0
     if r > min(w.shape):
         raise ValueError(f"rank {r} is larger than min(in, out) = {min(w.shape)}")
@@ -90,14 +96,14 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
     try:
         with torch.no_grad():
             if folded_by is not None:  # the model's weight is already in the rotated basis
-                q = m.fit(w, spec, seed=seed)
+                q = fit(w, spec, seed=seed)
                 q.rotation = Rotation(spec.rotation, folded=folded_by)
             elif spec.rotation is not None and not m.rotates:
                 rot = Rotation(spec.rotation)
-                q = m.fit(rot.rotate_weight(w), spec, seed=seed)
+                q = fit(rot.rotate_weight(w), spec, seed=seed)
                 q.rotation = rot
             else:
-                q = m.fit(w, spec, seed=seed)
+                q = fit(w, spec, seed=seed)
     except torch.linalg.LinAlgError as e:  # e.g. an SVD overflowing float32 on huge weights
         raise ValueError(f"method {method!r} failed on this layer ({str(e).splitlines()[0]}), max |w| = "
                          f"{float(w.abs().max()):.3g}; check the weights or use --method rtn") from None

@@ -151,7 +151,13 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     return best
 
 
-@register_method("loraq", options=LoraqOptions, uses_branch=True)
+def fit_loraq_without_branch(w, spec, seed=0):
+    """A layer given no branch (rank 0): the per-block clipping search and least-squares scales
+    of LoRaQ's initialisation."""
+    return LayerRecord(quantize_mse(w, spec.main.weight)[0], spec.main)
+
+
+@register_method("loraq", options=LoraqOptions, uses_branch=True, without_branch=fit_loraq_without_branch)
 def fit_loraq(w, spec, seed=0):
     opts = spec.options
     main, a, b, _ = alternate(w, spec, _ClipSearch(spec.main.weight), opts.init_iters, seed)

@@ -43,6 +43,9 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
     check_finite(module.state_dict().items(), f"model {model_name}",
                  "the model file is damaged, re-export or re-download it")
     uses_branch = get_method(recipe.method).uses_branch
+    if uses_branch and recipe.layer.branch is None and not any(lr.branch for _, lr in recipe.overrides):
+        raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
+                        f"use e.g. {recipe.name}-r32-w8a8 or --method rtn")
     plans = []
     for name, mod in module.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -57,10 +60,7 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
                 quantize, reason, spec = False, f"in_features {k} not divisible by group size {g}: kept in high precision", None
         if quantize:
             _check_blocks(name, k, spec, recipe.name)
-        if quantize and uses_branch:
-            if spec.branch is None:
-                raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
-                                f"use e.g. {recipe.name}-r32-w8a8 or --method rtn")
+        if quantize and uses_branch and spec.branch is not None:
             if spec.rank > min(k, n):
                 raise UserError(f"rank {spec.rank} is larger than min(in, out) = {min(k, n)} of layer {name}; "
                                 "lower the rank or exclude the layer")
