@@ -144,7 +144,7 @@ def test_ort_rtn_bits_and_weights_are_read_right(tiny_folder, recipe):
 def tiny_bench(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     args = ["bench", str(tiny_folder), "--methods", "rtn,loraq", "--recipes", TINY_RECIPES, "--out", str(out),
-            "--workers", "1", "--no-progress"]
+            "--workers", "1", "--no-progress", "--latency"]
     assert main(args) == 0
     return out, args
 
@@ -162,17 +162,21 @@ def test_tiny_grid_writes_json_markdown_and_png(tiny_bench):
         assert 0 < r["e2e_error"] < 0.05 and r["quality"]["onnx"]["psnr_db"] > 20
         assert abs(r["quality"]["torch"]["psnr_db"] - r["quality"]["onnx"]["psnr_db"]) < 3
         assert r["timings_s"]["fit"] > 0 and r["onnx_check"]["worst_layer_rel_l2"] < 1e-3
+        lat = r["latency"]
+        assert lat["accuracy_level"] == 4 and lat["fp_ms"] > 0 and lat["ratio"] == pytest.approx(
+            lat["quantized_ms"] / lat["fp_ms"], rel=1e-2)
     loraq = {r["recipe"]: r for r in res["rows"] if r["method"] == "loraq"}
     assert loraq["w4a16-g32-r8-w8a8-asym"]["bits_per_weight"] > 5.125  # the branch costs bits
     assert {"loraq", "torch", "onnxruntime", "onnx"} <= set(res["versions"]) and res["machine"]["cores"] >= 1
     assert res["command"].startswith("loraq bench ") and "--methods rtn,loraq" in res["command"]
     assert [q["best_peer"] for q in res["ratios"]] == [None, None]  # no hqq / ort-rtn in this grid
     md = (out / "results.md").read_text()
-    assert md.count("\n| rtn |") == 2 and md.count("\n| loraq |") == 2
+    assert md.count("\n| rtn |") == 2 and md.count("\n| loraq |") == 2 and "ORT latency vs FP" in md
     png = (out / "quality_vs_bits.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 300_000
     import matplotlib.image
-    assert matplotlib.image.imread(str(out / "quality_vs_bits.png")).shape[:2] == (528, 825)
+    h, w = matplotlib.image.imread(str(out / "quality_vs_bits.png")).shape[:2]
+    assert h >= 400 and w >= 600
 
 
 @pytest.mark.slow

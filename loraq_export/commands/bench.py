@@ -81,8 +81,8 @@ def fitted_recipe(method: str, lr: LayerRecipe) -> str:
     if method in METHODS and METHODS[method].uses_branch:
         if lr.branch is None:
             raise UserError(f"pair {method} x {lr.name}: method {method!r} fits a low-rank branch but the recipe has "
-                            f"none; give every recipe a branch (e.g. {lr.name.replace('-asym', '')}-r32-w8a8"
-                            f"{'-asym' if '-asym' in lr.name else ''}) or bench branch methods separately")
+                            "none; give every recipe a branch (e.g. w4a16-g64-r32-w8a8: methods without one use its "
+                            "main format) or bench branch methods separately")
         return lr.name
     name = main_only(lr)
     if method in ASYMMETRIC_ONLY and not name.endswith("-asym"):

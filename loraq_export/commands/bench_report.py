@@ -92,7 +92,7 @@ def markdown(results: dict) -> str:
         cells.append(f"{r['timings_s'].get('fit', 0):.2f}")
         if latency:
             lat = r.get("latency")
-            cells.append(f"{lat['ratio']:.2f}x ({lat['quantized_ms']:.1f} vs {lat['fp_ms']:.1f} ms)" if lat else "n/a")
+            cells.append(f"{lat['ratio']:.2f}x ({lat['quantized_ms']:.3g} vs {lat['fp_ms']:.3g} ms)" if lat else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Fit s: seconds of fitting, single-threaded, summed over the layers (ort-rtn: ONNX Runtime's quantizer "
               "on the whole graph). ort-rtn's weight error: its MatMulNBits weights dequantized back and compared "
@@ -129,25 +129,26 @@ def plot_png(results: dict) -> Optional[bytes]:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache notice is not the user's business
     import matplotlib.pyplot as plt
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != HEADLINE_METHOD, m not in PEERS, m))
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.0, 5.0), dpi=110)
     front = pareto([(r["bits_per_weight"], r["e2e_error"]) for r in rows])
     fb, fe = zip(*front)
     ax.step(fb + (max(r["bits_per_weight"] for r in rows),), fe + (fe[-1],), where="post", color="0.6", lw=1.2,
             ls="--", zorder=1, label="Pareto front")
     for i, m in enumerate(methods):
         pts = [(r["bits_per_weight"], r["e2e_error"]) for r in rows if r["method"] == m]
-        ax.scatter(*zip(*pts), marker=MARKERS[i % len(MARKERS)], s=70 if m == HEADLINE_METHOD else 45, zorder=3,
+        ax.scatter(*zip(*pts), marker=MARKERS[i % len(MARKERS)], s=70 if m == HEADLINE_METHOD else 45,
+                   zorder=4 if m == HEADLINE_METHOD else 3,
                    edgecolors="black" if m == HEADLINE_METHOD else "none", linewidths=0.8, label=m)
-    for b, e in front:  # the recipes worth knowing by name
+    for i, (b, e) in enumerate(front):  # the recipes worth knowing by name, above and below the front in turn
         r = next(r for r in rows if r["bits_per_weight"] == b and r["e2e_error"] == e)
-        ax.annotate(f"{r['method']} {r['recipe']}", (b, e), xytext=(4, -10), textcoords="offset points", fontsize=6.5,
-                    color="0.25")
+        ax.annotate(f"{r['method']} {r['recipe']}", (b, e), xytext=(-6, -12) if i % 2 else (6, 5),
+                    textcoords="offset points", fontsize=6.5, color="0.2", ha="right" if i % 2 else "left")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (every stored bit of the quantized layers)")
     ax.set_ylabel("1 - cosine vs FP (ONNX Runtime; lower is better)")
     ax.set_title(f"{results['model']['name']}: {results.get('metric') or ''}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: no point hidden
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

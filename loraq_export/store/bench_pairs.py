@@ -72,7 +72,9 @@ class BenchDir:
         return row if isinstance(row, dict) and row.get("method") == method and row.get("recipe") == recipe else None
 
     def save(self, row: dict) -> None:
-        write_json_atomic(self.dir / PAIRS / pair_file_name(row["method"], row["recipe"]), row)
+        """One finished pair (what the command asked for, ``requested``, belongs to the run, not the pair)."""
+        write_json_atomic(self.dir / PAIRS / pair_file_name(row["method"], row["recipe"]),
+                          {k: v for k, v in row.items() if k != "requested"})
 
 
 def _brief(previous: dict, keys: list) -> str:
