@@ -10,7 +10,6 @@ the torch model), fit time, and with ``latency`` ONNX Runtime latency against FP
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
