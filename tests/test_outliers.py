@@ -98,7 +98,7 @@ def test_rotation_is_computed_once_for_inputs_read_by_several_layers():
 @pytest.mark.parametrize("args,needle", [
     (["--recipe", "w4a4-g64-ag48-r32-w8a8"], "activation group 48 is not a power of two"),
     (["--recipe", "w4a16-g64-had96"], "Hadamard block 96 is not a power of two"),
-    (["--recipe", "w4a16-g64-had256"], "Hadamard block -had256 does not divide the 384 inputs"),
+    (["--recipe", "w4a16-g64-r32-w4a16-had256"], "Hadamard block -had256 does not divide the 384 inputs"),
     (["--recipe", "w4a4-g64-ag256-r32-w8a8"], "activation group -ag256 does not divide the 384 inputs"),
     (["--recipe", "w4a16-g64-ag64"], "quantizes none"),
     (["--recipe", "w4a4-g64-had64-ag64"], "unexpected 'ag64'"),
