@@ -33,12 +33,15 @@ class WeightFormat:
     bits: int = 4
     symmetric: bool = True
     group_size: Optional[int] = 64
+    signed_scales: bool = False  # symmetric grids: scales may be negative (ONNX Runtime, not TensorRT)
 
     def __post_init__(self):
         if self.bits not in WEIGHT_BITS:
             raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.signed_scales and not self.symmetric:
+            raise ValueError("signed scales apply to symmetric grids only")
 
     @property
     def qmin(self) -> int:

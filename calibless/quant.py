@@ -32,32 +32,45 @@ def _blocks(w: torch.Tensor, g: int) -> torch.Tensor:
 def choose_qparams(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Scale (and zero point for asymmetric formats), shape (K / block, N).
 
+    Symmetric grids use all 2^bits levels, [qmin, qmax] = [-8, 7] at 4 bits. With positive scales
+    (TensorRT's rule, the default) the scale is the smallest that fits both extremes, max(-min / 8,
+    max / 7): a block whose negative extreme dominates gets the finer step. ``fmt.signed_scales``
+    (ONNX Runtime) lets the value of largest magnitude map to -8 whatever its sign: scale =
+    v / -8, negative when v > 0 (what ONNX Runtime's own quantizer does).
+
     Differentiable in ``w`` (through the block max/min), which is what lets a fitted branch
     shrink the ranges the main quantizer must cover. An all-zero block gets scale 1 rather
-    than 0: TensorRT requires positive scales and 0 would divide by zero.
+    than 0, which would divide by zero.
     """
     k, _ = w.shape
     check_blockable(k, fmt)
     b = _blocks(w, fmt.block_size(k))
+    levels = max(-fmt.qmin, fmt.qmax)
     if fmt.symmetric:
-        scale = _finite_steps(b.abs().amax(dim=1) / fmt.qmax, fmt.qmax)
-        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+        if fmt.signed_scales:
+            extreme = torch.gather(b, 1, b.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            scale = extreme / fmt.qmin
+        else:
+            scale = torch.maximum(b.amin(dim=1).clamp(max=0) / fmt.qmin, b.amax(dim=1).clamp(min=0) / fmt.qmax)
+        scale = _finite_steps(scale, levels)
+        return torch.where(scale != 0, scale, torch.ones_like(scale)), None
     lo = b.amin(dim=1).clamp(max=0)
     hi = b.amax(dim=1).clamp(min=0)
-    scale = _finite_steps((hi - lo) / fmt.qmax, fmt.qmax)
+    scale = _finite_steps((hi - lo) / fmt.qmax, levels)
     scale = torch.where(torch.isfinite(scale), scale, hi / fmt.qmax - lo / fmt.qmax)  # hi - lo overflowed
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-lo / scale).clamp(0, fmt.qmax).detach()
     return scale, zero_point
 
 
-def _finite_steps(scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Scales at float32's edges: a range reaching its max would dequantize qmax * scale to inf
+def _finite_steps(scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """Scales at float32's edges: a range reaching its max would dequantize levels * scale to inf
     (shrink those by 2^-20, relative); a subnormal scale loses the precision that keeps every code
-    within half a step (raise it to the smallest normal). Any other scale is left bit for bit."""
-    scale = torch.where(torch.isinf(scale * qmax), scale * (1 - 2.0 ** -20), scale)
+    within half a step (raise its magnitude to the smallest normal). Any other scale is left bit
+    for bit."""
+    scale = torch.where(torch.isinf(scale * levels), scale * (1 - 2.0 ** -20), scale)
     tiny = torch.finfo(scale.dtype).tiny
-    return torch.where((scale > 0) & (scale < tiny), torch.full_like(scale, tiny), scale)
+    return torch.where((scale != 0) & (scale.abs() < tiny), torch.copysign(torch.full_like(scale, tiny), scale), scale)
 
 
 def _expand(p: torch.Tensor, k: int) -> torch.Tensor:

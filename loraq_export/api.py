@@ -25,7 +25,8 @@ from loraq_export.fit.swap import swap_in
 
 def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method: Optional[str] = None,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, seed: int = 0,
-              workers: Optional[int] = 1, progress: bool = False, example_inputs: Optional[tuple] = None) -> nn.Module:
+              workers: Optional[int] = 1, progress: bool = False, example_inputs: Optional[tuple] = None,
+              target: str = "ort") -> nn.Module:
     """Quantize ``module``'s Linear layers in place and return it.
 
     ``recipe``: a recipe string or file (default ``w4a16-g64-r32-w8a8``) or a loaded ``Recipe``;
@@ -34,9 +35,11 @@ def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method
     ``workers``: fitting processes (None: one per core); ``example_inputs``: a tuple for
     ``module(*example_inputs)``, which lets -had<B> rotations be folded into attention value
     projections where exact (loraq_export/fit/folds.py; without it every rotation runs online).
+    ``target``: "ort" (signed scales on symmetric grids) or "tensorrt" (positive scales).
     The fitted records are on each ``LoraqLinear`` as ``.record``.
     """
     rec = load_recipe(recipe, method) if recipe is None or isinstance(recipe, str) else recipe.with_method(method)
+    rec = rec.for_target(target)
 
     def select(name: str, linear: nn.Linear) -> tuple[bool, str]:
         if filter_fn is None or filter_fn(linear, name):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu = sub.add_parser("quantize", help="fit the quantized layers and write a checkpoint (resumable; "
                                          "shardable with torchrun --nproc-per-node N -m loraq_export.cli quantize ...)")
     _add_common(qu)
+    qu.add_argument("--target", choices=["ort", "tensorrt"], default="ort",
+                    help="the runtime the checkpoint is for: ort (default) fits symmetric grids with signed scales, "
+                         "tensorrt with positive ones (its rule)")
     qu.set_defaults(func=cmd_quantize)
     _add_bench(sub)
     return parser

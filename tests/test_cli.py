@@ -144,3 +144,15 @@ def test_export_of_a_checkpoint_equals_a_direct_export(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(ck), "--recipe", "w4a16-g64", "--out", str(tmp_path / "x")]) == 2
     assert "carries its own recipe" in capsys.readouterr().err
+
+
+def test_a_checkpoint_for_onnx_runtime_is_refused_for_tensorrt(tmp_path, capsys):
+    """quantize --target ort (the default) fits signed scales, which TensorRT cannot take."""
+    ck = tmp_path / "ck"
+    assert main(["quantize", "pixart-sigma", "--num-layers", "1", "--recipe", "w4a16-g64", "--method", "rtn",
+                 "--workers", "1", "--no-progress", "--out", str(ck)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(ck), "--target", "tensorrt", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target tensorrt" in err and "signed scales" in err
+    assert not (tmp_path / "x").exists()

@@ -79,3 +79,20 @@ def test_fake_quant_act_levels(bits):
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
     assert (y - x).abs().max() <= scale.max() / 2 + 1e-5
+
+
+def test_symmetric_grids_use_all_sixteen_levels():
+    """The extreme of larger magnitude lands on -8: with positive scales when it is negative (the
+    TensorRT rule), whatever its sign with signed scales (ONNX Runtime, as its own quantizer does)."""
+    w = torch.tensor([[-1.6, 0.7], [0.2, 1.4], [0.1, -0.3], [0.0, 0.2]])  # one block of 4 rows, 2 columns
+    pos = QTensor.from_float(w, WeightFormat(4, True, None))
+    assert torch.allclose(pos.scale, torch.tensor([[1.6 / 8, 1.4 / 7]]))
+    assert pos.codes[0, 0] == -8 and pos.codes[1, 1] == 7
+    signed = QTensor.from_float(w, WeightFormat(4, True, None, signed_scales=True))
+    assert torch.allclose(signed.scale, torch.tensor([[1.6 / 8, -1.4 / 8]]))
+    assert signed.codes[0, 0] == -8 and signed.codes[1, 1] == -8
+    for q in (pos, signed):  # never coarser than absmax / 7
+        err = (q.dequantize() - w).abs().max()
+        assert err <= (w.abs().amax(0) / 7 / 2).max() + 1e-6
+    with pytest.raises(ValueError, match="symmetric grids only"):
+        WeightFormat(4, False, 64, signed_scales=True)

@@ -68,7 +68,7 @@ def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tupl
     _, q = block_err(best)
     qq = (q * q).sum(1)
     ls = torch.where(qq > 0, (q * blocks).sum(1) / qq.clamp_min(1e-30), best)
-    ls = torch.where(ls > 0, ls, best)
+    ls = torch.where(ls * best > 0, ls, best)  # keep each block's sign (scales may be negative)
     err_ls, _ = block_err(ls)
     best = torch.where(err_ls < best_err, ls, best)
     return QTensor.from_float(r, fmt, scale=best), best / base
@@ -117,7 +117,8 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     k = w.shape[0]
     g = fmt.block_size(k)
     best = (*_deployed(w, main.scale, a, b, spec), a, b)
-    A, B, log_s = a.clone(), b.clone(), main.scale.log().clone()
+    sign = main.scale.sign()  # signed scales keep their sign; Adam moves log |s|
+    A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
     rms_a = float(a.pow(2).mean().sqrt()) or 1.0
     rms_b = float(b.pow(2).mean().sqrt()) or 1.0
     params = [torch.nn.Parameter(A), torch.nn.Parameter(B), torch.nn.Parameter(log_s)]
@@ -131,7 +132,7 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     with torch.no_grad():
         for step in range(1, steps + 1):
             A, B, log_s = (p.data for p in params)
-            scale = log_s.exp()
+            scale = sign * log_s.exp()
             sc = scale[:, None, :]
             aq = A if fa is None else fake_quant_weight(A, fa)
             bq = B if fb is None else fake_quant_weight(B, fb)
@@ -145,7 +146,7 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             opt.step()
             sched.step()
             if step % eval_every == 0 or step == steps:
-                cand = _deployed(w, params[2].data.exp(), params[0].data, params[1].data, spec)
+                cand = _deployed(w, sign * params[2].data.exp(), params[0].data, params[1].data, spec)
                 if cand[0] < best[0]:
                     best = (*cand, params[0].data.clone(), params[1].data.clone())
     return best

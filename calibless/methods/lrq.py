@@ -63,7 +63,8 @@ class _Rounding:
         k, n = main.shape
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(n)  # Kaiming-uniform as nn.Linear initialises a weight of fan-in n
-        self.log_s1 = main.scale.log().clone()
+        self.sign = main.scale.sign()  # signed scales (ONNX Runtime grids) keep their sign; log |s1| is learned
+        self.log_s1 = main.scale.abs().log().clone()
         self.L = torch.zeros(k, rank)
         self.U = torch.empty(rank, n).uniform_(-bound, bound, generator=gen)
         self.r = torch.zeros(k, 1)
@@ -78,7 +79,7 @@ class _Rounding:
     def codes(self, residual: torch.Tensor, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(s1 expanded to the weight's shape, codes minus the zero point) for ``residual``."""
         k = residual.shape[0]
-        s1 = _per_element(self.log_s1.exp(), k)
+        s1 = _per_element(self.sign * self.log_s1.exp(), k)
         q = residual / (s1 * torch.exp(self.L @ self.U + self.r + self.c))
         q = round_ste(q) if ste else torch.round(q)
         if self.zero is None:
@@ -92,7 +93,7 @@ class _Rounding:
             if self.zero is not None:
                 q = q + self.zero
             storage = torch.int8 if self.fmt.symmetric else torch.uint8
-            return QTensor(q.to(storage).contiguous(), self.log_s1.exp().detach().clone().contiguous(),
+            return QTensor(q.to(storage).contiguous(), (self.sign * self.log_s1.exp()).detach().clone().contiguous(),
                            self.main.zero_point, self.fmt)
 
 

@@ -114,7 +114,8 @@ def build_grid(methods: str, recipes: str) -> list[Pair]:
 
 def plan_pair(loaded, pair: Pair):
     from loraq_export.fit.plan import plan_layers
-    recipe = load_recipe(pair.recipe, "rtn" if pair.method in PEER_METHODS else pair.method)
+    # the bench exports for ONNX Runtime: symmetric grids use its signed scales
+    recipe = load_recipe(pair.recipe, "rtn" if pair.method in PEER_METHODS else pair.method).for_target("ort")
     return recipe, plan_layers(loaded.module, recipe, loaded.select, loaded.name)
 
 

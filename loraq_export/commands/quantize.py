@@ -33,7 +33,7 @@ def fit_checkpointable(opts, dist: Dist):
     """Load, plan and fit with resume and sharding; returns (loaded, recipe, plans, records, times, partial)."""
     times = {}
     t = time.perf_counter()
-    recipe = load_recipe(opts.recipe, opts.method)
+    recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
     problem = None
     if dist.is_main:
         try:
@@ -69,7 +69,8 @@ def run_quantize(opts, echo=print) -> dict:
         skipped = {p.name: p.reason for p in plans if not p.quantize}
         t = time.perf_counter()
         with staged_dir(opts.out, opts.overwrite) as stage:
-            write_checkpoint(stage, loaded, records, quantization_config(recipe, opts.seed, records, skipped, fp_source(opts)))
+            write_checkpoint(stage, loaded, records, quantization_config(recipe, opts.seed, records, skipped, fp_source(opts),
+                                                                     opts.target))
             times["write"] = round(time.perf_counter() - t, 3)
             report = build_report(loaded, recipe, plans, records, times, opts.seed, stage)
             report["distributed"] = {"world_size": dist.world, "backend": "gloo" if dist.active else None}

@@ -38,12 +38,15 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
             loaded, records, q = load_checkpoint(Path(opts.model))
         recipe = recipe_from_json(q["recipe"])
         refuse_undeployable(recipe, opts)
+        if opts.target == "tensorrt" and any(_signed(r) for r in records.values()):
+            raise UserError(f"checkpoint {opts.model} was quantized for ONNX Runtime (signed scales, which TensorRT "
+                            "cannot take); re-run loraq quantize with --target tensorrt")
         fp = fp_original(q, opts.seed if "seed" not in q else q["seed"])
         plans = [LayerPlan(n, r.in_features, r.out_features, True, "quantized in the checkpoint") for n, r in records.items()]
         plans += [LayerPlan(n, m.in_features, m.out_features, False, (q.get("skipped") or {}).get(n, "not quantized in the checkpoint"))
                   for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
         return ExportSource(loaded, recipe, plans, records, fp)
-    recipe = load_recipe(opts.recipe, opts.method)
+    recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
     refuse_undeployable(recipe, opts)
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
@@ -59,3 +62,9 @@ def fp_original(q: dict, seed: int) -> Optional[LoadedModel]:
         return load_model(src.get("model"), src.get("num_layers"), seed) if "model" in src else None
     except UserError:
         return None
+
+
+def _signed(rec) -> bool:
+    """Any negative scale in the record's quantized tensors."""
+    tensors = [rec.weight] + ([] if rec.branch is None else [f for f in (rec.branch.down, rec.branch.up) if hasattr(f, "scale")])
+    return any(bool((t.scale < 0).any()) for t in tensors)

@@ -153,6 +153,20 @@ class Recipe:
                 "exclude": list(self.exclude), "options": dict(self.options),
                 "overrides": [{"pattern": p, "recipe": lr.name} for p, lr in self.overrides]}
 
+    def for_target(self, target: str) -> "Recipe":
+        """Symmetric grids as the target runs them: signed scales for ONNX Runtime (the value of
+        largest magnitude maps to -8 whatever its sign: one more level per block), positive
+        scales for TensorRT (its rule)."""
+        signed = target == "ort"
+
+        def grid(w):
+            return w if w is None or not w.symmetric else replace(w, signed_scales=signed)
+
+        def fix(lr: LayerRecipe) -> LayerRecipe:
+            branch = None if lr.branch is None else replace(lr.branch, weight=grid(lr.branch.weight))
+            return replace(lr, main=replace(lr.main, weight=grid(lr.main.weight)), branch=branch)
+        return replace(self, layer=fix(self.layer), overrides=tuple((p, fix(lr)) for p, lr in self.overrides))
+
     def with_method(self, method: Optional[str]) -> "Recipe":
         out = self if method is None else replace(self, method=_check_method(method))
         out.method_options()  # options given for one method may not fit another

@@ -39,11 +39,11 @@ def model_config(loaded) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def quantization_config(recipe, seed: int, records: dict, skipped: dict, source: dict) -> dict:
+def quantization_config(recipe, seed: int, records: dict, skipped: dict, source: dict, target: str = "ort") -> dict:
     """``source`` says how to reload the FP original (model argument, num_layers), so that
     ``loraq export CKPT`` can compare against it when it is still available."""
     return {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "recipe": recipe.to_dict(),
-            "method": recipe.method, "seed": seed, "source": source,
+            "method": recipe.method, "seed": seed, "source": source, "target": target,
             "layers": {n: record_meta(records[n]) for n in sorted(records)}, "skipped": dict(sorted(skipped.items()))}
 
 
