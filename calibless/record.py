@@ -22,12 +22,16 @@ class QTensor:
     fmt: WeightFormat
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, fmt: WeightFormat, scale: Optional[torch.Tensor] = None) -> "QTensor":
-        """Round-to-nearest with the format's absmax qparams, or with the given ``scale``."""
+    def from_float(cls, w: torch.Tensor, fmt: WeightFormat, scale: Optional[torch.Tensor] = None,
+                   zero_point: Optional[torch.Tensor] = None) -> "QTensor":
+        """Round-to-nearest with the format's min/max qparams, or with the given ``scale`` (and, for
+        asymmetric formats, ``zero_point``)."""
         w = w.detach().float()
         s, zp = choose_qparams(w, fmt)
         if scale is not None:
             s = scale.detach().float()
+        if zero_point is not None:
+            zp = zero_point.detach().float()
         codes = quantize(w, s, zp, fmt)
         storage = torch.int8 if fmt.symmetric else torch.uint8
         return cls(codes.to(storage).contiguous(), s.contiguous(), None if zp is None else zp.to(torch.uint8).contiguous(), fmt)

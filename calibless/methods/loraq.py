@@ -43,35 +43,41 @@ CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
 
 
+ZERO_SHIFTS = (-1, 0, 1)  # asymmetric grids: zero points tried around the min/max one
+
+
 def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tuple[QTensor, torch.Tensor]:
-    """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales),
-    then a least-squares refit of each block's scale. Returns the quantized tensor and each
-    block's chosen ratio to its absmax scale."""
+    """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales; for
+    asymmetric grids also zero points one step either side), then a least-squares refit of each
+    block's scale. Returns the quantized tensor and each block's chosen ratio to its min/max scale."""
     base, zp = choose_qparams(r, fmt)
-    if zp is not None:  # asymmetric grids keep absmax-style range fitting
-        return QTensor.from_float(r, fmt), torch.ones_like(base)
     k, n = r.shape
     blocks = r.reshape(base.shape[0], -1, n)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
+    best_z = None if zp is None else zp.clone()
 
-    def block_err(s):
-        q = torch.clamp(torch.round(blocks / s[:, None, :]), fmt.qmin, fmt.qmax)
+    def block_err(s, z):
+        q = torch.round(blocks / s[:, None, :])
+        q = torch.clamp(q, fmt.qmin, fmt.qmax) if z is None else torch.clamp(q + z[:, None, :], fmt.qmin, fmt.qmax) - z[:, None, :]
         return ((q * s[:, None, :] - blocks) ** 2).sum(1), q
 
-    for c in ratios:
-        cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
-        err, _ = block_err(cand)
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
-    _, q = block_err(best)
+    for shift in ((0,) if zp is None else ZERO_SHIFTS):
+        z = None if zp is None else torch.clamp(zp + shift, fmt.qmin, fmt.qmax)
+        for c in ratios:
+            cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
+            err, _ = block_err(cand, z)
+            better = err < best_err
+            best = torch.where(better, cand, best)
+            best_z = None if z is None else torch.where(better, z, best_z)
+            best_err = torch.where(better, err, best_err)
+    _, q = block_err(best, best_z)
     qq = (q * q).sum(1)
     ls = torch.where(qq > 0, (q * blocks).sum(1) / qq.clamp_min(1e-30), best)
     ls = torch.where(ls * best > 0, ls, best)  # keep each block's sign (scales may be negative)
-    err_ls, _ = block_err(ls)
+    err_ls, _ = block_err(ls, best_z)
     best = torch.where(err_ls < best_err, ls, best)
-    return QTensor.from_float(r, fmt, scale=best), best / base
+    return QTensor.from_float(r, fmt, scale=best, zero_point=best_z), best / base
 
 
 class _ClipSearch:
@@ -95,11 +101,11 @@ def _branch_formats(spec, k: int):
     return down_format(spec.branch, k), up_format(spec.branch)
 
 
-def _deployed(w, s, a, b, spec):
+def _deployed(w, s, a, b, spec, z=None):
     """What is stored: the branch quantized in its format, the main codes rounded from the
     residual the quantized branch leaves (so the main path also absorbs the branch's error)."""
     br = Branch.from_float(a, b, spec.branch)
-    main = QTensor.from_float(w - br.down_weight() @ br.up_weight(), spec.main.weight, scale=s)
+    main = QTensor.from_float(w - br.down_weight() @ br.up_weight(), spec.main.weight, scale=s, zero_point=z)
     err = float(torch.linalg.norm(w - main.dequantize() - br.down_weight() @ br.up_weight()))
     return err, main, br
 
@@ -116,7 +122,9 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     fa, fb = _branch_formats(spec, w.shape[0])
     k = w.shape[0]
     g = fmt.block_size(k)
-    best = (*_deployed(w, main.scale, a, b, spec), a, b)
+    z = None if main.zero_point is None else main.zero_point.float()  # asymmetric grids: zero points held
+    zb = None if z is None else z[:, None, :]
+    best = (*_deployed(w, main.scale, a, b, spec, z), a, b)
     sign = main.scale.sign()  # signed scales keep their sign; Adam moves log |s|
     A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
     rms_a = float(a.pow(2).mean().sqrt()) or 1.0
@@ -137,7 +145,8 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             aq = A if fa is None else fake_quant_weight(A, fa)
             bq = B if fb is None else fake_quant_weight(B, fb)
             r = wb - (aq @ bq).reshape_as(wb)
-            codes = torch.round(r / sc).clamp_(fmt.qmin, fmt.qmax)
+            codes = torch.round(r / sc)
+            codes = codes.clamp_(fmt.qmin, fmt.qmax) if zb is None else codes.add_(zb).clamp_(fmt.qmin, fmt.qmax).sub_(zb)
             e = r.sub_(codes * sc)  # the error W - codes*s - AqBq, in r's memory
             params[2].grad = (e * codes).sum(1).mul_(-2 * scale)
             e = e.reshape(k, -1)
@@ -146,7 +155,7 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             opt.step()
             sched.step()
             if step % eval_every == 0 or step == steps:
-                cand = _deployed(w, sign * params[2].data.exp(), params[0].data, params[1].data, spec)
+                cand = _deployed(w, sign * params[2].data.exp(), params[0].data, params[1].data, spec, z)
                 if cand[0] < best[0]:
                     best = (*cand, params[0].data.clone(), params[1].data.clone())
     return best
@@ -165,5 +174,5 @@ def fit_loraq(w, spec, seed=0):
     if opts.steps > 0:
         _, main, br, a, b = refine(w, main, a, b, spec, opts.steps, opts.lr)
     else:
-        _, main, br = _deployed(w, main.scale, a, b, spec)
+        _, main, br = _deployed(w, main.scale, a, b, spec, None if main.zero_point is None else main.zero_point.float())
     return LayerRecord(main, spec.main, br)
