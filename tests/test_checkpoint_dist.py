@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from loraq_export.store.checkpoint import load_checkpoint
+from loraq_export.store.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.plan import plan_layers
 from loraq_export.models import load_model
@@ -65,7 +65,7 @@ def test_checkpoint_layout(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["_class_name"] == "PixArtTransformer2DModel"
     q = cfg["quantization_config"]
-    assert q["quant_method"] == "loraq" and q["version"] == 1 and q["recipe"]["recipe"] == "w4a8-g64-r16-w6a6"
+    assert q["quant_method"] == "loraq" and q["version"] == CHECKPOINT_VERSION and q["recipe"]["recipe"] == "w4a8-g64-r16-w6a6"
     assert "adaln_single.linear" in q["skipped"] and "proj_out" in q["skipped"]
     from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), "pt") as f:
