@@ -8,8 +8,9 @@ DQ feeding MatMul input B and nothing else, and no DQ on the MatMul's activation
 rule that decides is checked for real: an ORT session is built with the optimized model written
 to a temporary file, and every main weight must be read by a MatMulNBits there.
 tensorrt (docs/deployment.md, "TensorRT"): INT4 for weights only (weight-only GEMMs), symmetric (signed types, zero
-points all zero), constant positive scales, per-tensor activation scales, block quantization for
-INT4 only (2-D scale on a 2-D weight), weight DQ feeding the GEMM directly (no Cast between).
+points all zero), constant positive scales, per-tensor activation scales (no dynamic per-token
+INT8, no DynamicQuantizeLinear), block quantization for INT4 only (2-D scale on a 2-D weight,
+blocks of 64 or 128 only), weight DQ feeding the GEMM directly (no Cast between).
 Branch factors (initializers named '*.down_q', '*.up_q') are not main weights.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES
+from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES, TRT_INT4_BLOCK_SIZES
 from graphs.nodes import attr, producer, quiet
 from graphs.runtime import ort_optimized
 from graphs.tensors import const_array, const_dtype
@@ -175,6 +176,10 @@ def _zero_point_ok(node: gs.Node, name: str) -> list:
 def tensorrt_rules(graph: gs.Graph) -> list:
     v = []
     for node in graph.nodes:
+        if node.op == "DynamicQuantizeLinear":
+            v.append(Violation(node.name or node.outputs[0].name, "trt-dynamic-quant", "DynamicQuantizeLinear: "
+                               "TensorRT's ONNX parser does not take it (its dynamic quantization is FP4/FP8 only); "
+                               "use static per-tensor INT8 activation scales"))
         if node.op not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         name = node.name or node.outputs[0].name
@@ -212,9 +217,16 @@ def _trt_weight(dq: gs.Node, name: str, dtype) -> list:
         rank = len(dq.inputs[0].shape or [])
         s_rank = len(dq.inputs[1].shape or [])
         axis = attr(dq, "axis", 1) % max(rank, 1)
-        if not attr(dq, "block_size", 0) or s_rank != rank or axis < rank - 2:
+        block = attr(dq, "block_size", 0)
+        if rank != 2:
+            v.append(Violation(name, "trt-int4-2d", f"INT4 weight of rank {rank}; TensorRT block-quantizes INT4 "
+                               "2-D constant weights only"))
+        if not block or s_rank != rank or axis < rank - 2:
             v.append(Violation(name, "trt-int4-block", "INT4 weights must be block-quantized: scale of the weight's "
                                "rank, blocked along one of the last two dims"))
+        elif block not in TRT_INT4_BLOCK_SIZES:
+            v.append(Violation(name, "trt-int4-block-size", f"INT4 block size {block}; TensorRT takes INT4 blocks of "
+                               f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))} only (use a g64 or g128 recipe)"))
         for mm in users:
             gemm = mm.op in GEMMS and len(mm.inputs) > 1 and mm.inputs[1] is dq.outputs[0]
             a = producer(mm.inputs[0]) if gemm else None

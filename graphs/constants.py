@@ -19,6 +19,10 @@ INT4_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 # What ONNX Runtime's MatMulNBits takes as a block size: a power of two from 16 to 256.
 MATMULNBITS_BLOCK_SIZES = (256, 128, 64, 32, 16)
 
+# TensorRT's INT4 block sizes ("The supported block sizes are {64, 128}": TensorRT developer guide,
+# "Working with Quantized Types", block quantization; INT4 is weight-only and blocked only).
+TRT_INT4_BLOCK_SIZES = (128, 64)
+
 # The placeholder node torch.onnx emits for each quantized Linear; write_qdq replaces it.
 PLACEHOLDER_DOMAIN = "loraq"
 PLACEHOLDER_OP = "LayerPlaceholder"

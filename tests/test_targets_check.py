@@ -114,6 +114,10 @@ def test_ort_skinny_factors_run_as_fp32_gemms_from_int4_storage(branch, rank, fp
     (dict(scale_input=True), "trt-constant-scale"),
     (dict(bits=8, block=64), "trt-block-int4-only"),
     (dict(block=None), "trt-int4-block"),
+    (dict(block=32), "trt-int4-block-size"),
+    (dict(block=16), "trt-int4-block-size"),
+    (dict(axis=1, block=32), "trt-int4-block-size"),
+    (dict(zero_point=2), "trt-zero-point"),
     (dict(between="Cast"), "trt-dq-feeds-gemm"),
 ])
 def test_tensorrt_rules(kw, rule):
@@ -124,6 +128,8 @@ def test_tensorrt_rules(kw, rule):
 
 def test_tensorrt_clean_graphs_pass():
     assert check_model(dq_matmul_model(), "tensorrt") == []  # INT4 block weight-only, float activations
+    assert check_model(dq_matmul_model(block=128), "tensorrt") == []
+    assert check_model(dq_matmul_model(axis=1, block=64), "tensorrt") == []  # blocked along N
     assert check_model(dq_matmul_model(bits=8, block=None, act="static8"), "tensorrt") == []  # W8A8
 
 
@@ -167,6 +173,52 @@ def test_tensorrt_int4_per_channel_becomes_blocked_exactly():
     out = legalize(model, "tensorrt")
     assert check_model(out, "tensorrt") == []
     assert rel_l2(run(model, inputs(128)), run(out, inputs(128))) < 1e-6
+
+
+def test_tensorrt_dynamic_quantize_linear_is_flagged():
+    from onnx import TensorProto, helper
+    w = onnx.numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="act/DynamicQuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="act/DequantizeLinear"),
+             helper.make_node("MatMul", ["xd", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert "trt-dynamic-quant" in rules(model, "tensorrt")
+
+
+def test_tensorrt_rank32_int4_factor_becomes_int8_per_channel_exactly():
+    # B of a rank-32 w4a16 branch: 32 rows, per channel; no INT4 block of 64 or 128 fits
+    model = single_model(256, 128, 32, branch="w4a16")
+    assert "trt-int4-block" in rules(model, "tensorrt")
+    report = {}
+    out = legalize(model, "tensorrt", report=report)
+    assert check_model(out, "tensorrt") == []
+    assert any("INT8 per channel (exact)" in r and "32 rows" in r for r in report["rewrites"])
+    int8 = [i for i in out.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert [list(i.dims) for i in int8] == [[32, 128]]
+    assert rel_l2(run(model, inputs(256)), run(out, inputs(256))) < 1e-6
+
+
+def test_tensorrt_factor_blocked_by_32_becomes_float_exactly():
+    from graphs.synthetic import random_weight
+    spec = layer_spec(128, 64, 16, branch="w4a16")
+    spec.down = random_weight(np.random.default_rng(3), 128, 16, 4, 32, scale=0.05)  # blocks of 32, unequal scales
+    model = chain_model([spec])
+    assert "trt-int4-block-size" in rules(model, "tensorrt")
+    report = {}
+    out = legalize(model, "tensorrt", report=report)
+    assert check_model(out, "tensorrt") == []
+    assert any("blocked by 32" in r and "float32 values" in r for r in report["rewrites"])
+    assert rel_l2(run(model, inputs(128)), run(out, inputs(128))) < 1e-6
+
+
+def test_tensorrt_refuses_a_main_weight_blocked_by_32():
+    model = single_model(128, 64, 16, branch="fp16", block=32)
+    with pytest.raises(TargetError) as e:
+        legalize(model, "tensorrt")
+    msg = str(e.value)
+    assert "\n" not in msg and "trt-int4-block-size" in msg and "block size 32" in msg and "g64" in msg
 
 
 def test_synthetic_inputs_follow_the_specs():

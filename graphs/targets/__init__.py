@@ -22,7 +22,7 @@ TARGETS = {"ort": "graphs.targets.ort", "tensorrt": "graphs.targets.tensorrt"}
 ALTERNATIVES = {
     "tensorrt": ("deployable on TensorRT: w4a16 main (INT4 weight-only) with a w4a16 (INT4 weight-only, "
                  "no calibration), w8a8 or fp16 branch, e.g. recipe w4a16-g64-r32-w4a16 or "
-                 "w4a16-g64-r32-w8a8, group 32/64/128; "
+                 "w4a16-g64-r32-w8a8, group 64 or 128 (TensorRT's only INT4 blocks); "
                  "or pass --convert (allow_conversion=True) to convert this graph"),
     "ort": ("deployable on ONNX Runtime: INT4 weights blocked along the input dim with a power-of-two "
             "group >= 16 (g32, g64, g128) or per channel (gch), e.g. w4a16-g64-r32-w8a8"),

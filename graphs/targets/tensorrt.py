@@ -10,7 +10,11 @@ Always done, and recorded in the report:
 - dynamic per-token INT8 activation Q/DQ -> static per-tensor Q/DQ, the scale from a short
   data-free calibration: the graph run in ONNX Runtime on synthetic inputs defined from its input
   specs (standard normal floats, zeros for integers), amax over all of them / qmax;
-- INT4 per-channel weights -> blocked (scales repeated, exact);
+- INT4 per-channel weights -> blocked by 128 or 64, TensorRT's only INT4 blocks (scales repeated,
+  exact); an INT4 branch factor that no such block fits (B of a rank-32 branch: 32 rows) -> INT8
+  per channel (the same codes and scales, exact), or its float32 values when its blocks have
+  different scales (exact); a main INT4 weight blocked by 16 or 32 cannot be re-blocked exactly:
+  check names it and legalize refuses (loraq export refuses such recipes before fitting);
 - INT8 block-quantized weights (TensorRT blocks INT4 only) -> per-channel, requantized from the
   dequantized values (the report gives the largest relative change);
 - a float32 Cast between a weight DQ and its GEMM is removed (a no-op on a float32 DQ).
@@ -20,12 +24,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from graphs.constants import ACT_SCALE_EPS, CALIBRATION_BATCHES, GEMMS, INT4_TYPES
+from graphs.constants import (ACT_SCALE_EPS, BRANCH_SUFFIXES, CALIBRATION_BATCHES, GEMMS, INT4_TYPES,
+                              TRT_INT4_BLOCK_SIZES)
 from graphs.nodes import attr, detach, producer, quiet, replace_uses, weight_dq
 from graphs.runtime import ort_session, with_outputs
 from graphs.tensors import QuantizedWeight, const_array, constant, weight_base, write_weight_dq
@@ -171,11 +177,18 @@ def fix_weights(graph: gs.Graph) -> list:
         if w is None or w.zero_point is not None:
             continue
         base = f"{weight_base(w.name)}_trt"
-        if w.dtype in INT4_TYPES and w.per_channel:
-            b = next((b for b in (128, 64, 32, 16) if w.k % b == 0), w.k)
-            scale, _ = w.block_scale(b)
-            new = write_weight_dq(graph, base, QuantizedWeight(w.codes, scale, None, b), blocked=True)
-            done.append(f"{dq.name}: INT4 per-channel weight written blocked (block {b}, exact)")
+        legal = next((b for b in TRT_INT4_BLOCK_SIZES if w.k % b == 0), None)
+        if w.dtype == np.dtype(ml_dtypes.int4) and (w.per_channel or w.block not in TRT_INT4_BLOCK_SIZES):
+            if w.per_channel and legal is not None:
+                scale, _ = w.block_scale(legal)
+                new = write_weight_dq(graph, base, QuantizedWeight(w.codes, scale, None, legal), blocked=True)
+                done.append(f"{dq.name}: INT4 per-channel weight written blocked (block {legal}, exact)")
+            elif w.per_channel or w.name.endswith(BRANCH_SUFFIXES):
+                new, what, as_ = _int4_factor_as_int8(graph, base, w)
+                done.append(f"{dq.name}: INT4 {what}, {w.k} rows, takes no TensorRT INT4 block "
+                            f"({' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}): stored as {as_} (exact)")
+            else:
+                continue  # a main weight blocked by 16 or 32: check names it, legalize refuses
         elif w.dtype == np.int8 and not w.per_channel:
             deq = w.codes.astype(np.float32) * np.repeat(w.scale, w.block, axis=0)[: w.k]
             qmax = max(int(np.abs(w.codes).max()), 1)  # keeps a 6-bit range [-32, 31] as it was
@@ -190,6 +203,16 @@ def fix_weights(graph: gs.Graph) -> list:
         detach(dq)
     graph.cleanup()
     return done
+
+
+def _int4_factor_as_int8(graph: gs.Graph, base: str, w: QuantizedWeight) -> tuple:
+    """(new output, what it was) for an INT4 factor TensorRT cannot block: INT8 per channel, the
+    same codes and scales, when one scale spans each column (exact: int4 codes fit in int8), else
+    its float32 values as a constant (exact: DequantizeLinear computes code * scale in float32)."""
+    if w.per_channel or np.all(w.scale == w.scale[:1]):
+        new = write_weight_dq(graph, base, QuantizedWeight(w.codes.astype(np.int8), w.scale[:1], None, w.k))
+        return new, ("per-channel factor" if w.per_channel else f"factor blocked by {w.block} (equal scales)"), "INT8 per channel"
+    return constant(f"{base}_float", w.dequantize()), f"factor blocked by {w.block}", "float32 values"
 
 
 def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: Optional[dict] = None,

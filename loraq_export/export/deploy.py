@@ -35,11 +35,22 @@ def calibration_feeds(loaded: LoadedModel, seed: int) -> list[dict]:
 
 
 def refuse_undeployable(recipe: Recipe, opts: Options) -> None:
-    """Before minutes of fitting: TensorRT has no 4-bit activations (INT4 is weight-only)."""
-    if opts.target != "tensorrt" or opts.convert:
+    """Before minutes of fitting, what TensorRT cannot run: INT4 weights blocked other than by 64
+    or 128 (no exact conversion for a main weight; docs/deployment.md, "TensorRT"), and, unless
+    --convert, 4-bit activations (INT4 is weight-only)."""
+    if opts.target != "tensorrt":
         return
+    from graphs.constants import TRT_INT4_BLOCK_SIZES
     from graphs.targets import ALTERNATIVES
     layers = [recipe.layer] + [lr for _, lr in recipe.overrides]
+    for lr in layers:
+        group = lr.main.weight.group_size
+        if group is not None and group not in TRT_INT4_BLOCK_SIZES:
+            legal = lr.name.replace(f"-g{group}", f"-g{TRT_INT4_BLOCK_SIZES[-1]}", 1)
+            raise UserError(f"recipe {lr.name} blocks INT4 weights by {group}; TensorRT takes INT4 blocks of "
+                            f"{' or '.join(map(str, sorted(TRT_INT4_BLOCK_SIZES)))} only: use {legal}")
+    if opts.convert:
+        return
     if any(lr.main.act.bits == 4 or (lr.branch is not None and lr.branch.act.bits == 4) for lr in layers):
         raise UserError(f"recipe {recipe.name} has 4-bit activations, which TensorRT cannot run; {ALTERNATIVES['tensorrt']}")
 
