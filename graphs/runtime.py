@@ -62,3 +62,26 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
             have.add(n)
     return out
+
+
+def input_specs(model: onnx.ModelProto) -> list[tuple]:
+    """(name, numpy dtype, dims) of each graph input that is not an initializer; a dim is its
+    int value, or its symbolic name (str; "" when unnamed)."""
+    import numpy as np
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)
+        out.append((vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+    return out
+
+
+def random_feed(specs: Sequence[tuple], rng, int_value: int = 0) -> dict:
+    """{name: array} for (name, dtype, shape) specs: standard normal floats (drawn in order),
+    integers all ``int_value``."""
+    import numpy as np
+    return {name: (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
+                   else np.full(shape, int_value, dt)) for name, dt, shape in specs}

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensorrt with positive ones (its rule)")
     qu.set_defaults(func=cmd_quantize)
     _add_bench(sub)
+    from loraq_export.commands.engine import add_engine_parser
+    add_engine_parser(sub)
     return parser
 
 

@@ -33,7 +33,7 @@ from onnx import TensorProto
 from graphs.constants import (ACT_SCALE_EPS, BRANCH_SUFFIXES, CALIBRATION_BATCHES, GEMMS, INT4_TYPES,
                               TRT_INT4_BLOCK_SIZES)
 from graphs.nodes import attr, detach, producer, quiet, replace_uses, weight_dq
-from graphs.runtime import ort_session, with_outputs
+from graphs.runtime import input_specs, ort_session, random_feed, with_outputs
 from graphs.tensors import QuantizedWeight, const_array, constant, weight_base, write_weight_dq
 
 DEFAULT_DIM = 64  # symbolic dims other than the first (batch = 1) in synthetic calibration inputs
@@ -103,20 +103,9 @@ def synthetic_inputs(model: onnx.ModelProto, n: int = CALIBRATION_BATCHES, seed:
     """Calibration feeds defined from the graph's input specs: N(0, 1) floats, zeros otherwise;
     symbolic dims from ``dims`` (by name), else 1 for the first dim and DEFAULT_DIM for others."""
     rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, 1 if j == 0 else DEFAULT_DIM)
-                 for j, d in enumerate(tt.shape.dim)]
-        specs.append((vi.name, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape))
-    feeds = []
-    for _ in range(n):
-        feeds.append({name: (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
-                             else np.zeros(shape, dt)) for name, dt, shape in specs})
-    return feeds
+    specs = [(name, dt, [d if isinstance(d, int) else (dims or {}).get(d, 1 if j == 0 else DEFAULT_DIM)
+                         for j, d in enumerate(shape)]) for name, dt, shape in input_specs(model)]
+    return [random_feed(specs, rng) for _ in range(n)]
 
 
 def calibrate(model: onnx.ModelProto, tensors: list, feeds: list) -> dict:

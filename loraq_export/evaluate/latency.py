@@ -34,10 +34,33 @@ def with_accuracy_level(model: onnx.ModelProto, level: int = ACCURACY_LEVEL) -> 
     return out
 
 
-def _once(session, feed) -> float:
+def run_seconds(session, feed) -> float:
+    """Wall time of one ONNX Runtime run (s)."""
     t = time.perf_counter()
     session.run(None, feed)
     return time.perf_counter() - t
+
+
+def interleaved(timers: list, rounds: int = ROUNDS, warmup: int = WARMUP) -> list[list[float]]:
+    """Times from each of ``timers`` (callables returning one measurement), ``warmup`` rounds
+    discarded, then ``rounds`` rounds in alternating order (0, 1, .. then .., 1, 0) so that a
+    drifting machine affects all alike."""
+    for _ in range(warmup):
+        for t in timers:
+            t()
+    out = [[] for _ in timers]
+    order = list(range(len(timers)))
+    for i in range(rounds):
+        for j in (order if i % 2 == 0 else order[::-1]):
+            out[j].append(timers[j]())
+    return out
+
+
+def percentiles(times_ms: list[float]) -> dict:
+    """Median and the 90th / 99th percentiles (linear interpolation), in ms."""
+    import numpy as np
+    p50, p90, p99 = np.percentile(np.asarray(times_ms, np.float64), [50, 90, 99])
+    return {"median_ms": round(float(p50), 3), "p90_ms": round(float(p90), 3), "p99_ms": round(float(p99), 3)}
 
 
 def compare_latency(fp_model, q_model, feed: dict, rounds: int = ROUNDS) -> dict:
@@ -45,16 +68,7 @@ def compare_latency(fp_model, q_model, feed: dict, rounds: int = ROUNDS) -> dict
     threads = default_workers()
     fp = ort_session(fp_model, accuracy_level=ACCURACY_LEVEL, threads=threads, spinning=False)
     q = ort_session(q_model, accuracy_level=ACCURACY_LEVEL, threads=threads, spinning=False)
-    for _ in range(WARMUP):
-        _once(fp, feed), _once(q, feed)
-    t_fp, t_q = [], []
-    for i in range(rounds):
-        if i % 2:
-            t_q.append(_once(q, feed))
-            t_fp.append(_once(fp, feed))
-        else:
-            t_fp.append(_once(fp, feed))
-            t_q.append(_once(q, feed))
+    t_fp, t_q = interleaved([lambda: run_seconds(fp, feed), lambda: run_seconds(q, feed)], rounds)
     fp_ms, q_ms = 1e3 * statistics.median(t_fp), 1e3 * statistics.median(t_q)
     return {"fp_ms": round(fp_ms, 3), "quantized_ms": round(q_ms, 3), "ratio": round(q_ms / fp_ms, 4),
             "rounds": rounds, "accuracy_level": ACCURACY_LEVEL, "threads": threads}
