@@ -103,7 +103,9 @@ class LayerRecord:
     """Everything needed to compute, store and export one quantized Linear layer.
 
     Math: x' = x P H (when rotated online; a folded rotation arrives already applied);
-    y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias, with W, A, B fitted on the rotated weight.
+    y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias + bias_shift, with W, A, B fitted on the
+    rotated weight; ``bias_shift`` (methods with input statistics) cancels the output error's
+    mean: the exported graph adds it to the layer's bias.
     """
 
     weight: QTensor  # (in, out), in the rotated basis when ``rotation`` is set
@@ -112,6 +114,7 @@ class LayerRecord:
     rotation: Optional[Rotation] = None
     method: str = ""
     stats: dict = field(default_factory=dict)
+    bias_shift: Optional[torch.Tensor] = None  # float32 (out,)
 
     @property
     def in_features(self) -> int:
@@ -142,9 +145,16 @@ class LayerRecord:
             xb = fake_quant_act(x, b.fmt.act)
             h = fake_quant_act(xb @ b.down_weight(), b.fmt.act)
             y = y + h @ b.up_weight()
+        bias = self.shifted_bias(bias)
         if bias is not None:
             y = y + bias
         return y
+
+    def shifted_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The bias the layer adds: the model's, plus ``bias_shift`` when the method set one."""
+        if self.bias_shift is None:
+            return bias
+        return self.bias_shift if bias is None else bias.float() + self.bias_shift
 
     def stored_bits(self) -> int:
         bits = self.weight.stored_bits()

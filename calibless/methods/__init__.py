@@ -17,6 +17,7 @@ import torch
 
 from calibless.config import ConfigError, from_dict
 from calibless.formats import FitSpec
+from calibless.input_stats import InputStats
 from calibless.record import LayerRecord, relative_error
 from calibless.rotation import Rotation
 
@@ -36,15 +37,16 @@ class Method:
     # how a branch method fits a layer that its recipe gives no branch (rank 0, e.g. in a budget
     # allocation); None: round to nearest
     without_branch: Optional[Callable[..., LayerRecord]] = None
+    uses_input_stats: bool = False  # takes ``input_stats`` (calibless/input_stats.py): the layer's input statistics
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, options: type = NoOptions, uses_branch: bool = False, rotates: bool = False,
-                    without_branch: Optional[Callable[..., LayerRecord]] = None):
+                    without_branch: Optional[Callable[..., LayerRecord]] = None, uses_input_stats: bool = False):
     def deco(fn):
-        METHODS[name] = Method(name, fn, options, uses_branch, rotates, without_branch)
+        METHODS[name] = Method(name, fn, options, uses_branch, rotates, without_branch, uses_input_stats)
         return fn
     return deco
 
@@ -65,13 +67,14 @@ def method_options(name: str, raw: Optional[dict] = None):
 
 
 def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
-              folded_by: Optional[str] = None) -> LayerRecord:
+              folded_by: Optional[str] = None, input_stats: Optional[InputStats] = None) -> LayerRecord:
     """Fit one layer and record the method, time and relative weight error in ``stats``.
 
     With ``spec.rotation`` the weight is rotated offline (H^T W) and the method fits that; the
     record carries the rotation, applied online to the input. ``folded_by`` names the producer
     layer that already applies it: ``w`` is then the model's weight, already rotated (see
-    loraq_export/fit/folds.py), and the rotation is recorded, not applied."""
+    loraq_export/fit/folds.py), and the rotation is recorded, not applied. ``input_stats``: the
+    statistics of the layer's (unrotated, or already folded) input, for methods that take them."""
     m = get_method(method)
     w = w.detach().float()
     if not torch.isfinite(w).all():
@@ -92,18 +95,23 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
                          "not choose its own rotation")
     if spec.rotation is not None and w.shape[0] % spec.rotation:
         raise ValueError(f"Hadamard block {spec.rotation} does not divide in_features {w.shape[0]}")
+    if input_stats is not None and input_stats.total.shape[0] != w.shape[0]:
+        raise ValueError(f"input statistics are {input_stats.total.shape[0]} wide, the layer has {w.shape[0]} inputs")
+    kwargs = {"input_stats": input_stats} if m.uses_input_stats and fit is m.fit else {}
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             if folded_by is not None:  # the model's weight is already in the rotated basis
-                q = fit(w, spec, seed=seed)
+                q = fit(w, spec, seed=seed, **kwargs)
                 q.rotation = Rotation(spec.rotation, folded=folded_by)
             elif spec.rotation is not None and not m.rotates:
                 rot = Rotation(spec.rotation)
-                q = fit(rot.rotate_weight(w), spec, seed=seed)
+                if kwargs.get("input_stats") is not None:
+                    kwargs["input_stats"] = rotate_stats(input_stats, rot)
+                q = fit(rot.rotate_weight(w), spec, seed=seed, **kwargs)
                 q.rotation = rot
             else:
-                q = fit(w, spec, seed=seed)
+                q = fit(w, spec, seed=seed, **kwargs)
     except torch.linalg.LinAlgError as e:  # e.g. an SVD overflowing float32 on huge weights
         raise ValueError(f"method {method!r} failed on this layer ({str(e).splitlines()[0]}), max |w| = "
                          f"{float(w.abs().max()):.3g}; check the weights or use --method rtn") from None
@@ -115,6 +123,13 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
     return q
 
 
+def rotate_stats(stats: InputStats, rot: Rotation) -> InputStats:
+    """The statistics of the rotated input x R: sum R^T sum x, Gram R^T G R."""
+    gram = rot.rotate_input(rot.rotate_input(stats.gram.float()).T.contiguous())
+    return InputStats(stats.count, rot.rotate_input(stats.total.float()).double(), (gram + gram.T) / 2)
+
+
 from calibless.methods import rtn, lqer, svdquant, loraq, lopro  # noqa: E402,F401  (registration)
 from calibless.methods import hqq  # noqa: E402,F401  (registration: HQQ)
 from calibless.methods import lrq  # noqa: E402,F401  (registration: LRQ)
+from calibless.methods import gptq  # noqa: E402,F401  (registration: GPTQ on synthetic input statistics)

@@ -38,7 +38,7 @@ def _factor(f):
 
 def layer_spec(rec: LayerRecord, bias: Optional[torch.Tensor]) -> LayerSpec:
     k = rec.in_features
-    out = LayerSpec(weight=quantized_weight(rec.weight), act=act_quant(rec.fmt.act, k), bias=_np(bias))
+    out = LayerSpec(weight=quantized_weight(rec.weight), act=act_quant(rec.fmt.act, k), bias=_np(rec.shifted_bias(bias)))
     if rec.branch is not None:
         b = rec.branch
         out.down, out.up = _factor(b.down), _factor(b.up)

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from calibless.formats import FitSpec
-from calibless.methods import fit_layer
+from calibless.input_stats import InputStats
+from calibless.methods import fit_layer, get_method
 from calibless.record import LayerRecord
 from loraq_export.errors import UserError
 from loraq_export.fit.plan import LayerPlan
@@ -28,10 +29,11 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int,
-             folded_by: Optional[str]) -> tuple[str, LayerRecord]:
+             folded_by: Optional[str], input_stats: Optional[InputStats]) -> tuple[str, LayerRecord]:
     torch.set_num_threads(1)
     try:
-        return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name), folded_by=folded_by)
+        return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name), folded_by=folded_by,
+                               input_stats=input_stats)
     except ValueError as e:  # the method refusing this layer's input
         raise UserError(f"layer {name}: {e}") from None
 
@@ -59,8 +61,9 @@ def fit_layers(module: nn.Module, plans: list[LayerPlan], method: str, seed: int
     workers = min(workers or default_workers(), max(1, len(todo)))
     bar = tqdm(total=len(todo), desc=f"fitting ({method}, {workers} proc)", unit="layer", disable=not progress,
                dynamic_ncols=True)
-    jobs = [(p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed, p.folded_by)
-            for p in todo]
+    stats = get_method(method).uses_input_stats  # ship the statistics only to methods that read them
+    jobs = [(p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed, p.folded_by,
+             p.input_stats if stats else None) for p in todo]
     try:
         if workers == 1:
             threads = torch.get_num_threads()

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from calibless.formats import FitSpec
+from calibless.input_stats import InputStats
 from calibless.methods import get_method
 from loraq_export.errors import UserError
 from loraq_export.fit.recipes import Recipe
@@ -30,6 +31,7 @@ class LayerPlan:
     reason: str
     spec: Optional[FitSpec] = None
     folded_by: Optional[str] = None  # the producer layer that applies this layer's input rotation (fit/folds.py)
+    input_stats: Optional[InputStats] = None  # its input's statistics (fit/input_stats.py), when gathered
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": [self.in_features, self.out_features],

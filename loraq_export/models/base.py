@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ class LoadedModel:
     ``make_inputs(seed, batch, seq)`` returns example inputs in ``input_names`` order (``seq`` is
     the token count: sentence length, or image tokens for a diffusion transformer).
     ``select(name, linear)`` returns (quantize?, reason) for the default layer selection.
+    ``synthetic_batches(seed)`` returns a list of (inputs, token mask or None) the model's input
+    statistics are gathered on (fit/input_stats.py): inputs the model builds itself, never a
+    dataset; the mask marks the rows that are real tokens (not padding).
     ``linear_root`` is the prefix of the module names that layer patterns are matched against
     (names are relative to ``module``).
     """
@@ -32,3 +35,4 @@ class LoadedModel:
     make_inputs: Callable[..., tuple[torch.Tensor, ...]]
     select: Callable[[str, nn.Linear], tuple[bool, str]]
     source: dict = field(default_factory=dict)  # provenance for the report (path, preset, class, seed)
+    synthetic_batches: Optional[Callable[[int], list]] = None

@@ -163,6 +163,12 @@ def select_diffusion_linear(name: str, linear: nn.Linear) -> tuple[bool, str]:
     return False, f"outside transformer blocks ({_OUTSIDE.get(name.split('.')[0], 'other')})"
 
 
+# Input statistics (fit/input_stats.py): 16 example inputs of 256 image tokens, 4096 token rows per
+# layer, about as many as the widest input (a 4608-wide feed-forward down projection) has channels.
+SYNTHETIC_BATCHES = 16
+SYNTHETIC_TOKENS = 256
+
+
 def _latent_side(config, seq: int | None) -> int:
     """Latent H = W: the largest patch grid with at most ``seq`` (default 256) tokens, <= sample_size."""
     p = int(config.patch_size)
@@ -211,6 +217,11 @@ def make_diffusion_model(module: nn.Module, name: str, source: dict | None = Non
             inputs.append(torch.ones(batch, text_len, dtype=torch.int64))
         return tuple(inputs)
 
+    def synthetic_batches(seed: int = 0):
+        """Example inputs at several seeds (noise levels, latents, text states): the statistics of
+        a diffusion transformer's layers over its own input distribution."""
+        return [(make_inputs(seed=seed + i, batch=1, seq=SYNTHETIC_TOKENS), None) for i in range(SYNTHETIC_BATCHES)]
+
     src = {"class": cls_name, **(source or {})}
     return LoadedModel(
         name=name,
@@ -222,5 +233,6 @@ def make_diffusion_model(module: nn.Module, name: str, source: dict | None = Non
         dynamic_axes=dynamic_axes,
         make_inputs=make_inputs,
         select=select_diffusion_linear,
+        synthetic_batches=synthetic_batches,
         source=src,
     )

@@ -10,6 +10,7 @@ from torch import nn
 
 from loraq_export.errors import UserError
 from loraq_export.models.base import LoadedModel
+from loraq_export.models.synthetic_tokens import synthetic_token_batches
 
 NAME = "all-MiniLM-L6-v2"
 ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -87,6 +88,7 @@ def wrap_bert(model: nn.Module, path: Path, name: str) -> LoadedModel:
     return LoadedModel(name=name, kind="bert", module=model, wrapper=BertWrapper(model).eval(),
                        input_names=names, output_names=["last_hidden_state"], dynamic_axes=axes,
                        make_inputs=make_inputs, select=select_bert_linear,
+                       synthetic_batches=lambda seed: synthetic_token_batches(tokenizer, seed=seed),
                        source={"path": str(path), "class": type(model).__name__, "tokenizer": tokenizer})
 
 

@@ -23,7 +23,7 @@ from loraq_export.errors import UserError
 from loraq_export.store.layer_tensors import record_from, record_meta, record_tensors
 
 QUANT_METHOD = "loraq"
-CHECKPOINT_VERSION = 2  # 2: layers may carry an input rotation (read by loraq >= 0.2; version 1 still reads)
+CHECKPOINT_VERSION = 3  # 2: layers may carry an input rotation; 3: a bias shift (gptq). Older versions still read
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")

@@ -57,6 +57,8 @@ def record_tensors(name: str, rec: LayerRecord) -> dict[str, torch.Tensor]:
                 out[f"{name}.{part}"] = f.contiguous().clone()
     if rec.rotation is not None and rec.rotation.perm is not None:
         out[f"{name}.rotation_perm"] = rec.rotation.perm.to(torch.int32).contiguous()
+    if rec.bias_shift is not None:
+        out[f"{name}.bias_shift"] = rec.bias_shift.float().contiguous()
     return out
 
 
@@ -68,6 +70,7 @@ def record_meta(rec: LayerRecord) -> dict:
                                               "up_format": to_dict(b.up.fmt) if isinstance(b.up, QTensor) else None},
             "rotation": None if rec.rotation is None else {"block": rec.rotation.block, "perm": rec.rotation.perm is not None,
                                                             "folded": rec.rotation.folded},
+            "bias_shift": rec.bias_shift is not None,
             "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
 
 
@@ -91,8 +94,13 @@ def record_from(name: str, t: dict, meta: dict) -> LayerRecord:
                 f = _qtensor_from(f"{name}.{part}", t, from_dict(WeightFormat, bm[fkey]), shape)
             factors.append(f)
         branch = Branch(factors[0], factors[1], bfmt)
+    shift = None
+    if meta.get("bias_shift"):
+        shift = t[f"{name}.bias_shift"].float()
+        if tuple(shift.shape) != (n,):
+            raise ValueError(f"{name}.bias_shift has shape {tuple(shift.shape)}, config says ({n},)")
     return LayerRecord(weight, fmt, branch, _rotation_from(name, t, meta.get("rotation"), k), method=meta.get("method", ""),
-                       stats={"rel_error": meta.get("rel_error")})
+                       stats={"rel_error": meta.get("rel_error")}, bias_shift=shift)
 
 
 def _rotation_from(name: str, t: dict, meta, k: int):

@@ -1,0 +1,62 @@
+"""What a layer's inputs look like, from the model's own synthetic inputs (no dataset): the mean
+and the covariance of the input vectors of a Linear, accumulated over tokens.
+
+Methods that take them weigh the weight error by what reaches the output: with E = W - W_eff in
+(in, out) layout and inputs x of mean mu and covariance C,
+
+    E[|x E|^2] = tr(E^T C E) + |mu E|^2,
+
+and the second term is removed exactly by shifting the bias by mu E (bias correction), so a
+method minimises tr(E^T C E) and then corrects the bias. The statistics come from the model run
+on inputs it builds itself (for a BERT encoder: token sequences drawn from its own vocabulary;
+for a diffusion transformer: its example latents, timesteps and text states), which is
+composition, not calibration: no dataset enters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """Running sums of a layer's input vectors. The sum of x is float64 (the covariance subtracts the
+    mean's square from the Gram's diagonal); the Gram is float32, which keeps a 4608-wide layer's at
+    85 MB, and its ~1e-6 relative rounding is far below the 1% damping GPTQ adds to it."""
+
+    count: int
+    total: torch.Tensor  # (K,) sum of x
+    gram: torch.Tensor  # (K, K) sum of x x^T
+
+    @classmethod
+    def empty(cls, k: int) -> "InputStats":
+        return cls(0, torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float32))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate the rows of ``x`` (tokens, K)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.count += x.shape[0]
+        self.total += x.double().sum(0)
+        self.gram += x.T @ x
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / max(self.count, 1)).float()
+
+    def covariance(self) -> torch.Tensor:
+        """C = E[x x^T] - mu mu^T, float32, symmetrised."""
+        n = max(self.count, 1)
+        mu = self.total / n
+        c = self.gram.double() / n - torch.outer(mu, mu)
+        return ((c + c.T) / 2).float()
+
+    def mean_square(self) -> torch.Tensor:
+        """E[x_k^2] per input channel (K,)."""
+        return (torch.diagonal(self.gram).double() / max(self.count, 1)).float()
+
+
+def output_error(e: torch.Tensor, cov: torch.Tensor) -> float:
+    """tr(E^T C E): the mean squared output error, over the inputs' covariance, of a weight error
+    ``e`` (in, out), once the bias absorbs the mean's share."""
+    return float(((cov @ e) * e).sum())

@@ -1,0 +1,99 @@
+"""gptq and the input statistics it reads: the rounding lowers the output error the statistics
+predict, the bias shift cancels the error's mean, the codes lie on the block grid, and the
+statistics gathered from a model are the ones a direct computation gives."""
+import pytest
+import torch
+
+from calibless.formats import FitSpec, main_format
+from calibless.input_stats import InputStats, output_error
+from calibless.methods import fit_layer, rotate_stats
+from calibless.rotation import Rotation
+
+
+def correlated_inputs(k: int, rows: int = 3000, seed: int = 0) -> torch.Tensor:
+    """Inputs with a strong mean and correlated channels of very different scales, like a
+    transformer's normalised hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    scale = torch.logspace(-1, 0.7, k)
+    return (torch.randn(rows, k, generator=g) @ mix) * scale + torch.linspace(-1, 2, k)
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_gptq_lowers_the_output_error_and_cancels_its_mean(asym):
+    g = torch.Generator().manual_seed(1)
+    k, n = 256, 192
+    w = torch.randn(k, n, generator=g) * 0.05
+    x = correlated_inputs(k)
+    stats = InputStats.empty(k)
+    stats.add(x)
+    spec = FitSpec(main_format("w4a16", 64, symmetric=not asym))
+    grid = fit_layer(w, spec, "gptq")  # no statistics: the clipping-searched grid, no shift
+    rec = fit_layer(w, spec, "gptq", input_stats=stats)
+    cov = stats.covariance()
+    e_grid = output_error(w - grid.effective_weight(), cov)
+    e_gptq = output_error(w - rec.effective_weight(), cov)
+    assert grid.bias_shift is None and rec.bias_shift is not None
+    assert e_gptq < 0.7 * e_grid, (e_gptq, e_grid)
+    # the output error on the inputs themselves: its mean over tokens is cancelled by the shift
+    err = x @ w - rec.forward(x)
+    assert err.mean(0).abs().max() < 1e-3 * err.abs().mean()
+    assert float((err ** 2).mean()) < float(((x @ w - grid.forward(x)) ** 2).mean())
+    # the codes are on the blocks' grid: quantizing the result again with its scales changes nothing
+    again = rec.weight.dequantize()
+    from calibless.record import QTensor
+    assert torch.equal(QTensor.from_float(again, rec.weight.fmt, rec.weight.scale, rec.weight.zero_point).codes,
+                       rec.weight.codes)
+
+
+def test_rotated_statistics_are_those_of_the_rotated_inputs():
+    k = 128
+    x = correlated_inputs(k, rows=500)
+    rot = Rotation(32, torch.randperm(k, generator=torch.Generator().manual_seed(0)))
+    direct, rotated = InputStats.empty(k), InputStats.empty(k)
+    direct.add(rot.rotate_input(x))
+    rotated.add(x)
+    rotated = rotate_stats(rotated, rot)
+    assert torch.allclose(rotated.mean, direct.mean, atol=1e-5)
+    assert torch.allclose(rotated.covariance(), direct.covariance(), atol=1e-4 * float(direct.covariance().abs().max()))
+
+
+def test_statistics_that_do_not_fit_the_layer_are_refused():
+    stats = InputStats.empty(64)
+    stats.add(torch.randn(10, 64))
+    with pytest.raises(ValueError, match="64 wide"):
+        fit_layer(torch.randn(128, 32), FitSpec(main_format("w4a16", 64)), "gptq", input_stats=stats)
+
+
+def test_gptq_options_are_checked():
+    from calibless.methods import method_options
+    with pytest.raises(ValueError, match="damp"):
+        method_options("gptq", {"damp": 0.0})
+    with pytest.raises(ValueError, match="dampp|unknown"):
+        method_options("gptq", {"dampp": 0.1})
+
+
+def test_model_statistics_match_a_direct_computation():
+    """One pass over MiniLM's synthetic sequences: q, k and v share one accumulator, padding rows are
+    left out, and the numbers are those of the layer's actual inputs."""
+    from loraq_export.fit.input_stats import collect_input_stats
+    from loraq_export.models import load_model
+    loaded = load_model(None)
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+             "encoder.layer.0.attention.output.dense", "encoder.layer.1.intermediate.dense"]
+    batches = loaded.synthetic_batches(3)[:2]
+    stats = collect_input_stats(loaded.module, names, batches, lambda b: loaded.wrapper(*b))
+    assert stats[names[0]] is stats[names[1]] and stats[names[0]] is not stats[names[2]]
+    seen = []
+    hook = loaded.module.get_submodule(names[3]).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        for inputs, _ in batches:
+            loaded.wrapper(*inputs)
+    finally:
+        hook.remove()
+    rows = torch.cat([x.reshape(-1, x.shape[-1])[mask] for x, (_, mask) in zip(seen, batches)])
+    s = stats[names[3]]
+    assert s.count == rows.shape[0] == sum(int(m.sum()) for _, m in batches) < sum(m.numel() for _, m in batches)
+    assert torch.allclose(s.mean, rows.mean(0), atol=1e-5)
+    ref = torch.cov(rows.T.double(), correction=0).float()
+    assert torch.allclose(s.covariance(), ref, atol=1e-4 * float(ref.abs().max()))
