@@ -27,6 +27,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
     p.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--budget", type=float, default=None, metavar="BITS",
+                   help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
+                        "group size, branch rank and format under it (written to OUT/allocation.yaml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-fuse", action="store_true", help="keep the low-rank branch unfused (for comparison, debugging)")
     ex.add_argument("--convert", action="store_true",
                     help="tensorrt: convert what TensorRT cannot run (4-bit activations become INT8) instead of refusing")
+    ex.add_argument("--dtype", choices=["fp16", "fp32"], default=None,
+                    help="float type of the whole graph (default: fp16 for --target tensorrt, fp32 for ort)")
     ex.set_defaults(func=cmd_export)
     ck = sub.add_parser("check", help="check an ONNX file against a target's rules; exit 0 if it passes, 1 if not")
     ck.add_argument("onnx_file", type=Path)
@@ -72,6 +77,11 @@ def _add_bench(sub) -> None:
     be.add_argument("--out", type=Path, default=Path("loraq-bench"),
                     help="output directory (default loraq-bench); re-running with the same one skips finished pairs")
     be.add_argument("--latency", action="store_true", help="also time each model against FP in ONNX Runtime (slow)")
+    be.add_argument("--budget", default=None, metavar="BITS[,BITS...]",
+                    help="also fit each method x recipe allocated per layer under each budget (bits per weight), "
+                         "shown as <recipe>@<bits>; ort-rtn keeps the plain recipes")
+    be.add_argument("--sentences", type=Path, default=None, metavar="FILE",
+                    help="sentence encoders: measure on these sentences (one per line) instead of the bundled ones")
     be.add_argument("--num-layers", type=int, default=None, help="presets only: build a shallower copy")
     be.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
     be.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
@@ -87,7 +97,8 @@ def _options(args, default_out: str):
                    overwrite=args.overwrite, fp_onnx=getattr(args, "fp_onnx", False), num_layers=args.num_layers,
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
                    quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
-                   fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False))
+                   fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False),
+                   budget=args.budget, dtype=getattr(args, "dtype", None))
 
 
 def cmd_export(args) -> int:
@@ -116,6 +127,7 @@ def cmd_bench(args) -> int:
     run_bench(BenchOptions(model=args.model, methods=args.methods or DEFAULT_METHODS,
                            recipes=args.recipes or DEFAULT_RECIPES, out=args.out,
                            num_layers=args.num_layers, seed=args.seed, workers=args.workers, latency=args.latency,
+                           budgets=args.budget, sentences=args.sentences,
                            progress=not args.no_progress, command=" ".join(["loraq", *map(shlex.quote, argv)])))
     return 0
 

@@ -22,3 +22,5 @@ class Options:
     target: str = "ort"
     fuse: bool = True
     convert: bool = False  # let the target legalizer convert what it cannot express (tensorrt: 4-bit activations)
+    budget: Optional[float] = None  # bits per weight: allocate per-layer formats under it (fit/allocation.py)
+    dtype: Optional[str] = None  # graph float type, fp16 or fp32; None: the target's default

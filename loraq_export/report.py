@@ -1,6 +1,7 @@
 """What the report says and how the terminal summary reads."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from graphs.constants import OPSET
@@ -19,7 +20,9 @@ def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
             row.update(method=rec.method, rel_error=round(rec.stats["rel_error"], 6),
                        seconds=round(rec.stats["seconds"], 3) if "seconds" in rec.stats else None,
                        bits_per_weight=round(rec.bits_per_weight(), 4),
+                       group=rec.weight.fmt.group_size,
                        branch=None if rec.branch is None else f"r{rec.branch.rank} {rec.branch.fmt.name}",
+                       bias_shift=rec.bias_shift is not None,
                        rotation=rotation_status(rec))
         rows.append(row)
     return rows
@@ -52,8 +55,11 @@ def summarize_errors(records: dict) -> dict:
     return {"mean_rel_error": round(sum(errs) / len(errs), 6), "max_rel_error": round(max(errs), 6)} if errs else {}
 
 
+ALLOCATION_FILE = "allocation.yaml"
+
+
 def build_report(loaded, recipe: Recipe, plans, records, times: dict, seed: int, stage: Path,
-                 validation=None, quality=None, sampling=None) -> dict:
+                 validation=None, quality=None, sampling=None, allocation=None) -> dict:
     sizes = size_summary(loaded, records)
     for f in ("model.onnx", "model_fp.onnx", "model.safetensors"):
         p = stage / f
@@ -68,6 +74,8 @@ def build_report(loaded, recipe: Recipe, plans, records, times: dict, seed: int,
               "sizes": sizes, "timings_s": {**times, "total": round(sum(times.values()), 3)},
               "validation": validation, "quality": quality, "sampling": sampling,
               "layers": layer_table(plans, records)}
+    if allocation is not None:
+        report["allocation"] = {**allocation, "file": ALLOCATION_FILE}
     if validation is not None:
         report["onnx"] = {"opset": OPSET, "inputs": loaded.input_names, "outputs": loaded.output_names,
                           "ort_accuracy_level_for_validation": 0}
@@ -83,6 +91,13 @@ def format_summary(report: dict, out: Path) -> str:
         f"  size: {z['quantized_bits_per_weight']:.3f} bits/weight in quantized layers, "
         f"{z['quantized_layers_bytes'] / 2**20:.2f} MiB vs {z['quantized_layers_bytes_fp32'] / 2**20:.2f} MiB fp32",
     ]
+    a = report.get("allocation")
+    if a:
+        counts = Counter(a["layers"].values())
+        common = ", ".join(f"{n} x {r}" for r, n in counts.most_common(3))
+        lines.append(f"  allocation: --budget {a['budget']:g} -> {a['bits_per_weight']:.4f} bits/weight, "
+                     f"{len(counts)} distinct layer recipes ({common}{', ...' if len(counts) > 3 else ''}); "
+                     f"{a['file']}")
     rot = [l["rotation"] for l in report["layers"] if l.get("rotation", "off") != "off"]
     if rot:
         folded = sum(r.startswith("folded") for r in rot)

@@ -13,6 +13,8 @@ rows and writes the results.
 """
 from __future__ import annotations
 
+import hashlib
+
 import os
 import platform
 import tempfile
@@ -44,6 +46,8 @@ class BenchOptions:
     seed: int = 0
     workers: Optional[int] = None
     latency: bool = False
+    budgets: Optional[str] = None  # comma-separated bits per weight: each method x recipe also allocated at each
+    sentences: Optional[Path] = None  # sentence encoders: a text file, one sentence per line (default: bundled)
     progress: bool = True
     command: str = "loraq bench"
 
@@ -96,33 +100,84 @@ def fitted_recipe(method: str, lr: LayerRecipe) -> str:
     return fitted.name
 
 
-def build_grid(methods: str, recipes: str) -> list[Pair]:
-    """Pairs in method order, then recipe order; collapsed pairs listed once. No model needed."""
+def parse_budgets(text: Optional[str]) -> list[float]:
+    import math
+    out = []
+    for b in ([] if text is None else _names(text, "budget")):
+        try:
+            v = float(b)
+        except ValueError:
+            v = float("nan")
+        if not (math.isfinite(v) and v > 0):
+            raise UserError(f"--budget {b!r} is not a positive number of bits per weight; e.g. --budget 4.56,4.8,5.125")
+        out.append(v)
+    return out
+
+
+BUDGET_SEP = "@"  # a pair's recipe "<recipe>@<bits>": that recipe's formats allocated per layer under the budget
+
+
+def build_grid(methods: str, recipes: str, budgets: Optional[str] = None) -> list[Pair]:
+    """Pairs in method order, then recipe order (then budgets); collapsed pairs listed once. With
+    budgets, every calibless method also gets each recipe allocated under each budget (``r@b``); a
+    recipe entry written ``r@b`` is allocated under b only. ONNX Runtime's quantizer has no per-layer
+    allocation and keeps the plain recipes. No model needed."""
     known = all_methods()
     ms = _names(methods, "methods")
     unknown = [m for m in ms if m not in known]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(known)}")
-    rs = [parse_layer_recipe(r) for r in _names(recipes, "recipes")]
+    bs = parse_budgets(budgets)
     pairs: dict[tuple, Pair] = {}
+
+    def add(m: str, name: str) -> None:
+        pairs.setdefault((m, name), Pair(m, name)).requested.append(entry)
+
     for m in ms:
-        for lr in rs:
-            key = (m, fitted_recipe(m, lr))
-            pairs.setdefault(key, Pair(*key)).requested.append(lr.name)
+        for entry in _names(recipes, "recipes"):
+            text, sep, own = entry.partition(BUDGET_SEP)
+            lr = parse_layer_recipe(text)
+            if sep:  # <recipe>@<bits>: this recipe allocated under that budget only
+                if m not in PEER_METHODS:
+                    add(m, f"{fitted_recipe(m, lr)}{BUDGET_SEP}{parse_budgets(own)[0]:g}")
+                continue
+            add(m, fitted_recipe(m, lr))
+            for b in bs if m not in PEER_METHODS else []:
+                add(m, f"{fitted_recipe(m, lr)}{BUDGET_SEP}{b:g}")
     return list(pairs.values())
 
 
-def plan_pair(loaded, pair: Pair):
-    from loraq_export.fit.plan import plan_layers
+def plan_pair(loaded, pair: Pair, seed: int = 0, stats: Optional[dict] = None):
+    """(recipe, plans) of a pair; ``stats`` caches the input statistics shared by every pair."""
+    from loraq_export.fit.prepare import prepare_fit
+    name, _, budget = pair.recipe.partition(BUDGET_SEP)
     # the bench exports for ONNX Runtime: symmetric grids use its signed scales
-    recipe = load_recipe(pair.recipe, "rtn" if pair.method in PEER_METHODS else pair.method).for_target("ort")
-    return recipe, plan_layers(loaded.module, recipe, loaded.select, loaded.name)
+    recipe = load_recipe(name, "rtn" if pair.method in PEER_METHODS else pair.method).for_target("ort")
+    recipe, plans, _ = prepare_fit(loaded, recipe, seed, float(budget) if budget else None, "ort", fold=False,
+                                   stats={} if stats is None else stats)
+    return recipe, plans
 
 
 def identity(opts: BenchOptions, loaded) -> dict:
     src = {k: v for k, v in loaded.source.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    texts = read_sentences(opts.sentences)
     return {"model": opts.model or "minilm", "source": src, "num_layers": opts.num_layers, "seed": opts.seed,
-            "loraq_version": __version__}
+            "loraq_version": __version__,
+            "sentences": None if texts is None else hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]}
+
+
+def read_sentences(path: Optional[Path]) -> Optional[list[str]]:
+    """The non-empty lines of ``path`` (None: the bundled sentences)."""
+    if path is None:
+        return None
+    try:
+        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--sentences {path}: cannot read it ({e.__class__.__name__}); pass a UTF-8 text file, "
+                        "one sentence per line") from None
+    if len(texts) < 2:
+        raise UserError(f"--sentences {path}: needs at least 2 non-empty lines (one sentence per line)")
+    return texts
 
 
 def versions_and_machine() -> tuple[dict, dict]:
@@ -161,11 +216,16 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
     from loraq_export.commands.bench_report import write_results
     from loraq_export.models import load_model
     from loraq_export.store.bench_pairs import BenchDir
-    grid = build_grid(opts.methods, opts.recipes)  # names and recipes first: no model loaded for a typo
+    grid = build_grid(opts.methods, opts.recipes, opts.budgets)  # names and recipes first: no model loaded for a typo
+    read_sentences(opts.sentences)
     dist = Dist.from_env()
     try:
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
-        planned = {(p.method, p.recipe): plan_pair(loaded, p) for p in grid}  # ranks and blocks: before fitting
+        if opts.sentences is not None and loaded.kind != "bert":
+            raise UserError(f"--sentences applies to sentence encoders; {loaded.name} is a {loaded.kind} model "
+                            "(its quality is measured on sampled latents): drop --sentences")
+        stats = {}
+        planned = {(p.method, p.recipe): plan_pair(loaded, p, opts.seed, stats) for p in grid}  # before fitting
         store = BenchDir(opts.out, identity(opts, loaded))
         store.check()
         dist.barrier()
@@ -199,7 +259,8 @@ def _run_pairs(loaded, opts: BenchOptions, store, todo: list[Pair], planned: dic
         if opts.latency or any(p.method in PEER_METHODS for p in todo):
             fp_onnx = Path(tmp) / "model_fp.onnx"
             save_onnx(export_graph(loaded, loaded.make_inputs(seed=opts.seed, batch=2))[0], fp_onnx)
-        ctx = make_context(loaded, build_reference(loaded, opts.seed), opts.seed, workers, opts.latency, fp_onnx)
+        ctx = make_context(loaded, build_reference(loaded, opts.seed, read_sentences(opts.sentences)), opts.seed,
+                           workers, opts.latency, fp_onnx)
         bar = tqdm(todo, desc=f"bench ({len(todo)} pairs)", unit="pair", disable=not (opts.progress and dist.is_main),
                    dynamic_ncols=True)
         for pair in bar:

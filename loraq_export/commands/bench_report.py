@@ -14,6 +14,7 @@ from loraq_export.store.outputs import write_bytes_atomic, write_json_atomic
 
 PEERS = ("hqq", "ort-rtn")  # what a user would otherwise pick: the ratio's denominator
 HEADLINE_METHOD = "loraq"
+OUR_METHODS = ("loraq", "gptq")  # the numerators of the ratio: this project's own data-free methods
 BITS_SLACK = 1e-6  # "equal bits" survives float rounding of the stored figure
 
 
@@ -24,15 +25,15 @@ def sort_rows(rows: list[dict]) -> list[dict]:
 
 
 def peer_ratios(rows: list[dict]) -> list[dict]:
-    """For each LoRaQ row: its 1 - cosine over the best peer's with bits <= its bits."""
+    """For each row of our methods (loraq, gptq): its 1 - cosine over the best peer's with bits <= its bits."""
     out = []
     for r in rows:
-        if r["method"] != HEADLINE_METHOD or r["e2e_error"] is None:
+        if r["method"] not in OUR_METHODS or r["e2e_error"] is None:
             continue
         peers = [p for p in rows if p["method"] in PEERS and p["e2e_error"] is not None
                  and p["bits_per_weight"] <= r["bits_per_weight"] + BITS_SLACK]
         best = min(peers, key=lambda p: p["e2e_error"], default=None)
-        out.append({"recipe": r["recipe"], "bits_per_weight": r["bits_per_weight"], "e2e_error": r["e2e_error"],
+        out.append({"method": r["method"], "recipe": r["recipe"], "bits_per_weight": r["bits_per_weight"], "e2e_error": r["e2e_error"],
                     "best_peer": None if best is None else {k: best[k] for k in ("method", "recipe", "bits_per_weight",
                                                                                  "e2e_error")},
                     "ratio": None if best is None or best["e2e_error"] <= 0 else r["e2e_error"] / best["e2e_error"]})
@@ -42,7 +43,7 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
 def ratio_lines(ratios: list[dict]) -> list[str]:
     lines = []
     for q in ratios:
-        head = f"loraq {q['recipe']} ({q['bits_per_weight']:.3f} b/w): 1-cos {q['e2e_error']:.4g}"
+        head = f"{q.get('method', HEADLINE_METHOD)} {q['recipe']} ({q['bits_per_weight']:.3f} b/w): 1-cos {q['e2e_error']:.4g}"
         b = q["best_peer"]
         if b is None:
             lines.append(f"{head}; no peer ({', '.join(PEERS)}) at <= {q['bits_per_weight']:.3f} b/w in this grid")
@@ -97,8 +98,8 @@ def markdown(results: dict) -> str:
     lines += ["", "Fit s: seconds of fitting, single-threaded, summed over the layers (ort-rtn: ONNX Runtime's quantizer "
               "on the whole graph). ort-rtn's weight error: its MatMulNBits weights dequantized back and compared "
               "with the FP weights.",
-              "", f"## LoRaQ / best peer ({', '.join(PEERS)}) at equal or fewer bits per weight (1 - cos, lower is better)", ""]
-    lines += [f"- {s}" for s in ratio_lines(results["ratios"])] or ["- no loraq row in this grid"]
+              "", f"## {' and '.join(OUR_METHODS)} / best peer ({', '.join(PEERS)}) at equal or fewer bits per weight (1 - cos, lower is better)", ""]
+    lines += [f"- {s}" for s in ratio_lines(results["ratios"])] or [f"- no {' or '.join(OUR_METHODS)} row in this grid"]
     v, m = results["versions"], results["machine"]
     lines += ["", f"Versions: loraq {v['loraq']}, torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}. "
                   f"Machine: {m['cpu']}, {m['cores']} cores.", ""]

@@ -13,7 +13,8 @@ from loraq_export.export.onnx_export import export_graph, save_onnx
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.swap import quantized
 from loraq_export.options import Options
-from loraq_export.report import build_report, format_summary
+from loraq_export.fit.allocation import write_allocation
+from loraq_export.report import ALLOCATION_FILE, build_report, format_summary
 from loraq_export.store.outputs import staged_dir, write_json_atomic
 from loraq_export.timing import Timer
 
@@ -55,7 +56,9 @@ def run_export(opts: Options, echo=print) -> dict:
                     q_onnx = sample_latents(loaded, onnx_denoiser(session, loaded.input_names), opts.seed)
                     sampling = sampling_report(fp_latents, q_torch, q_onnx, loaded.kind)
         report = build_report(loaded, src.recipe, src.plans, records, timer.times, opts.seed, stage, validation,
-                              quality, sampling)
+                              quality, sampling, src.allocation)
+        if src.allocation is not None:
+            write_allocation(stage / ALLOCATION_FILE, src.recipe, src.allocation)
         report["graph"] = graph_report
         write_json_atomic(stage / "report.json", report)
     echo(format_summary(report, opts.out))

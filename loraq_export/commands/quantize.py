@@ -7,9 +7,12 @@ from pathlib import Path
 from loraq_export.errors import UserError
 from loraq_export.fit.distributed import Dist
 from loraq_export.fit.parallel import fit_layers
-from loraq_export.fit.folds import plan_and_fold
+from loraq_export.fit.allocation import write_allocation
+from loraq_export.fit.prepare import prepare_fit
 from loraq_export.fit.recipes import load_recipe
+from loraq_export.commands.source import check_budget
 from loraq_export.models import load_model
+from loraq_export.report import ALLOCATION_FILE
 from loraq_export.report import build_report, format_summary
 from loraq_export.store.checkpoint import quantization_config, write_checkpoint
 from loraq_export.store.outputs import check_output_dir, staged_dir, write_json_atomic
@@ -34,6 +37,7 @@ def fit_checkpointable(opts, dist: Dist):
     times = {}
     t = time.perf_counter()
     recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
+    check_budget(opts.budget)
     problem = None
     if dist.is_main:
         try:
@@ -42,8 +46,11 @@ def fit_checkpointable(opts, dist: Dist):
             problem = str(e)
     dist.broadcast_error(problem)
     loaded = load_model(opts.model, opts.num_layers, opts.seed)
-    plans = plan_and_fold(loaded, recipe, opts.seed)
     times["load"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, opts.budget, opts.target,
+                                            opts.progress and dist.is_main)
+    times["prepare"] = round(time.perf_counter() - t, 3)
     partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))
     done = partial.load()
     dist.barrier()  # every rank has read the partial state before anyone writes to it
@@ -57,13 +64,13 @@ def fit_checkpointable(opts, dist: Dist):
                          shard=(dist.rank, dist.world))
     times["fit"] = round(time.perf_counter() - t, 3)
     records = dist.gather_records(records)
-    return loaded, recipe, plans, records, times, partial
+    return loaded, recipe, plans, records, times, partial, allocation
 
 
 def run_quantize(opts, echo=print) -> dict:
     dist = Dist.from_env()
     try:
-        loaded, recipe, plans, records, times, partial = fit_checkpointable(opts, dist)
+        loaded, recipe, plans, records, times, partial, allocation = fit_checkpointable(opts, dist)
         if not dist.is_main:
             return {}
         skipped = {p.name: p.reason for p in plans if not p.quantize}
@@ -72,7 +79,9 @@ def run_quantize(opts, echo=print) -> dict:
             write_checkpoint(stage, loaded, records, quantization_config(recipe, opts.seed, records, skipped, fp_source(opts),
                                                                      opts.target))
             times["write"] = round(time.perf_counter() - t, 3)
-            report = build_report(loaded, recipe, plans, records, times, opts.seed, stage)
+            report = build_report(loaded, recipe, plans, records, times, opts.seed, stage, allocation=allocation)
+            if allocation is not None:
+                write_allocation(stage / ALLOCATION_FILE, recipe, allocation)
             report["distributed"] = {"world_size": dist.world, "backend": "gloo" if dist.active else None}
             write_json_atomic(stage / "report.json", report)
         partial.remove()

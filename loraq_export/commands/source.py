@@ -9,7 +9,7 @@ import torch
 
 from loraq_export.errors import UserError
 from loraq_export.export.deploy import refuse_undeployable
-from loraq_export.fit.folds import plan_and_fold
+from loraq_export.fit.prepare import prepare_fit
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import Recipe, load_recipe, recipe_from_json
 from loraq_export.models import LoadedModel, load_model
@@ -25,14 +25,15 @@ class ExportSource:
     plans: list[LayerPlan]
     records: Optional[dict]  # fitted already (a checkpoint), else None
     fp: Optional[LoadedModel]  # the FP reference: the model itself before the swap, or a checkpoint's original
+    allocation: Optional[dict] = None  # --budget: the allocation's summary (fit/allocation.py)
 
 
 def load_source(opts: Options, timer: Timer) -> ExportSource:
     """Cheap checks first (recipe, target, output directory), then the model or checkpoint."""
     from loraq_export.store.checkpoint import is_checkpoint, load_checkpoint
     if opts.model is not None and is_checkpoint(Path(opts.model)):
-        if opts.recipe is not None or opts.method is not None:
-            raise UserError("a checkpoint carries its own recipe and method; drop --recipe/--method")
+        if opts.recipe is not None or opts.method is not None or opts.budget is not None:
+            raise UserError("a checkpoint carries its own recipe and method; drop --recipe/--method/--budget")
         check_output_dir(opts.out, opts.overwrite)
         with timer("load"):
             loaded, records, q = load_checkpoint(Path(opts.model))
@@ -47,12 +48,20 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
                   for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
         return ExportSource(loaded, recipe, plans, records, fp)
     recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
+    check_budget(opts.budget)
     refuse_undeployable(recipe, opts)
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
-        plans = plan_and_fold(loaded, recipe, opts.seed)
-    return ExportSource(loaded, recipe, plans, None, loaded)
+    with timer("prepare"):
+        recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, opts.budget, opts.target, opts.progress)
+    return ExportSource(loaded, recipe, plans, None, loaded, allocation)
+
+
+def check_budget(budget: Optional[float]) -> None:
+    import math
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UserError(f"--budget must be a positive number of bits per weight (e.g. 4.8), got {budget}")
 
 
 def fp_original(q: dict, seed: int) -> Optional[LoadedModel]:

@@ -49,11 +49,12 @@ def build_reference_kind(loaded: LoadedModel) -> Optional[str]:
     return {"bert": "embeddings", "pixart": "latents", "sana": "latents"}.get(loaded.kind)
 
 
-def build_reference(loaded: LoadedModel, seed: int) -> Optional[Reference]:
-    """The FP reference of ``loaded`` (None for a model kind with no end-to-end metric)."""
+def build_reference(loaded: LoadedModel, seed: int, texts: Optional[list] = None) -> Optional[Reference]:
+    """The FP reference of ``loaded`` (None for a model kind with no end-to-end metric); ``texts``:
+    the sentences of a sentence encoder (default: the bundled ones)."""
     kind = build_reference_kind(loaded)
     if kind == "embeddings":
-        batches = sentence_batches(loaded)
+        batches = sentence_batches(loaded, texts=texts)
         return Reference("embeddings", embeddings(loaded.wrapper, batches), batches)
     if kind == "latents":
         from loraq_export.evaluate.sampling import sample_latents, torch_denoiser

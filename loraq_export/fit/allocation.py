@@ -1,0 +1,156 @@
+"""``--budget BITS``: each quantized layer's group size and branch (rank, 0 allowed, and format)
+chosen under a bits-per-weight budget (calibless/allocation.py predicts the errors and chooses),
+written back as an ordinary recipe with one override per layer (``allocation.yaml``): it can be
+reviewed, edited and passed again as ``--recipe``.
+
+Candidates of a layer, from the recipe it would otherwise get: the same main format, activation
+groups, rotation and symmetry, with every group size the target runs that divides the layer
+(ONNX Runtime: 32, 64, 128; TensorRT: 64, 128, its only INT4 blocks) and, for methods that fit a
+branch, ranks 0, 8, 16, 32, 64 (at most min(in, out)) in the recipe's branch format or the
+cheapest one that fuses with its main path (w4a16 beside a W4A16 main, else w8a8).
+Bits are counted as the report counts them (calibless/bits.py, equal to the stored tensors).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
+from calibless.methods import get_method
+from calibless.rotation import Rotation
+from loraq_export.errors import UserError
+from loraq_export.fit.plan import LayerPlan
+from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
+
+TARGET_GROUPS = {"ort": (32, 64, 128), "tensorrt": (64, 128)}
+RANKS = (0, 8, 16, 32, 64)
+
+
+def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) -> list[LayerRecipe]:
+    """The layer recipes a layer of (in k, out n) may get in place of ``lr`` (see module docstring)."""
+    tokens = lr.name.split("-")
+    main = tokens[0]
+    ag = [t for t in tokens if t.startswith("ag")]
+    tail = [t for t in tokens if t.startswith("had")] + (["asym"] if tokens[-1] == "asym" else [])
+    branches = [None]
+    if uses_branch and lr.branch is not None:
+        cheap = "w4a16" if main == "w4a16" else "w8a8"
+        fmts = [lr.branch.name] + ([cheap] if cheap != lr.branch.name else [])
+        ranks = sorted({r for r in RANKS + (lr.rank,) if 0 < r <= min(k, n)})
+        branches += [f"r{r}-{f}" for f in fmts for r in ranks]
+    out = []
+    for g in TARGET_GROUPS[target]:
+        if k % g:
+            continue
+        for b in branches:
+            out.append(parse_layer_recipe("-".join([main, f"g{g}", *ag, *([b] if b else []), *tail])))
+    if not out:
+        raise UserError(f"no group size the {target} target runs ({', '.join(map(str, TARGET_GROUPS[target]))}) "
+                        f"divides the {k} inputs of a selected layer; exclude it or drop --budget")
+    return out
+
+
+def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, target: str, seed: int = 0,
+             progress: bool = False) -> tuple[Recipe, dict]:
+    """The recipe with one override per quantized layer, and a summary for the report."""
+    from tqdm import tqdm
+    method = get_method(recipe.method)
+    mods = dict(loaded.module.named_modules())
+    chosen_from, costs, weights = {}, {}, 0
+    todo = [p for p in plans if p.quantize]
+    for p in tqdm(todo, desc=f"allocating {budget:g} bits", unit="layer", disable=not progress, dynamic_ncols=True):
+        cands = candidates(recipe.layer_recipe(p.name), p.in_features, p.out_features, method.uses_branch, target)
+        specs = [_spec(recipe, c, target) for c in cands]
+        w = mods[p.name].weight.detach().float().T
+        rot = cands[0].rotation
+        if rot is not None and p.folded_by is None:
+            w = Rotation(rot).rotate_weight(w)
+        cw = None if p.input_stats is None else _channel_weight(p, rot)
+        errors = predicted_errors(w, specs, cw, seed)
+        bits = candidate_bits(p.in_features, p.out_features, specs, method.uses_branch, method.rotates)
+        costs[p.name] = [Cost(b, e) for b, e in zip(bits, errors)]
+        chosen_from[p.name] = cands
+        weights += p.in_features * p.out_features
+    sens = layer_sensitivity(loaded, todo, {n: (chosen_from[n][0], costs[n][0].error) for n in costs}, seed, progress)
+    if sens is not None:  # each layer's errors in units of what they do to the model's output
+        costs = {n: [Cost(c.bits, c.error * sens[n]) for c in cs] for n, cs in costs.items()}
+    try:
+        choice = choose(costs, budget * weights)
+    except ValueError:
+        cheapest = sum(min(c.bits for c in costs[n]) for n in costs) / weights
+        raise UserError(f"--budget {budget:g} bits per weight is below the cheapest allocation of this recipe "
+                        f"({cheapest:.4f}: the largest group and no branch on every layer); raise it to at least "
+                        f"{cheapest:.4f}") from None
+    overrides = tuple((n, chosen_from[n][i]) for n, i in choice.items())
+    used = sum(costs[n][i].bits for n, i in choice.items())
+    allocated = replace(recipe, overrides=overrides, source=f"allocation of {recipe.name} at {budget:g} bits")
+    summary = {"budget": budget, "bits_per_weight": round(used / weights, 6),
+               "error_proxy": ("E[x_k^2]-weighted squared weight error" if any(p.input_stats for p in todo)
+                               else "squared weight error (no input statistics)")
+                              + (", scaled per layer by its end-to-end sensitivity on the synthetic inputs"
+                                 if sens is not None else ""),
+               "layers": {n: lr.name for n, lr in overrides}}
+    return allocated, summary
+
+
+SENSITIVITY_BATCHES = 2
+
+
+@torch.no_grad()
+def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int, progress: bool = False):
+    """Per layer: the model's relative output error on its synthetic inputs when only that layer is
+    quantized (``reference[name]``: its cheapest candidate, round to nearest on the clipping-searched
+    grid), divided by that candidate's predicted error: what one unit of the layer's predicted error
+    costs at the output. Layer errors do not reach the output alike (a residual branch's last
+    projection, a value projection, a feed-forward input...), which the per-layer error cannot see.
+    None when the model builds no synthetic inputs."""
+    from tqdm import tqdm
+    from calibless.methods.loraq import quantize_mse
+    if getattr(loaded, "synthetic_batches", None) is None:
+        return None
+    from loraq_export.fit.input_stats import STATS_SEED_OFFSET
+    batches = [b for b, _ in loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[:SENSITIVITY_BATCHES]]
+    fp = [loaded.wrapper(*b).float() for b in batches]
+    energy = sum(float((y ** 2).sum()) for y in fp)
+    mods = dict(loaded.module.named_modules())
+    out = {}
+    for p in tqdm(plans, desc="layer sensitivity", unit="layer", disable=not progress, dynamic_ncols=True):
+        lr, predicted = reference[p.name]
+        lin = mods[p.name]
+        saved = lin.weight.detach().clone()
+        w = saved.float().T
+        rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
+        q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
+        try:
+            lin.weight.copy_((q if rot is None else rot.unrotate_weight(q)).T.to(saved.dtype))
+            err = sum(float(((loaded.wrapper(*b).float() - y) ** 2).sum()) for b, y in zip(batches, fp))
+        finally:
+            lin.weight.copy_(saved)
+        out[p.name] = (err / max(energy, 1e-30)) / max(predicted, 1e-30)
+    return out
+
+
+def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
+    one = replace(recipe, layer=lr, overrides=()).for_target(target)
+    return one.spec_for("")
+
+
+def _channel_weight(p: LayerPlan, rot: Optional[int]):
+    ms = p.input_stats.mean_square()
+    if rot is None or p.folded_by is not None:
+        return ms
+    from calibless.methods import rotate_stats
+    return rotate_stats(p.input_stats, Rotation(rot)).mean_square()
+
+
+def write_allocation(path: Path, recipe: Recipe, summary: dict) -> None:
+    """The allocated recipe as a recipe file (loaded again by ``--recipe``)."""
+    import yaml
+    d = recipe.to_dict()
+    d = {k: v for k, v in d.items() if v not in ([], {})}
+    header = (f"# loraq --budget {summary['budget']:g}: {summary['bits_per_weight']:.4f} bits per weight over the "
+              f"quantized layers.\n# Pass this file as --recipe to fit the same allocation again (edit it freely).\n")
+    path.write_text(header + yaml.safe_dump(d, sort_keys=False, width=120))
