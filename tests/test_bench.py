@@ -11,6 +11,7 @@ import torch
 from diffusion_fixtures import tiny_config
 from loraq_export.cli import main
 from loraq_export.commands.bench import build_grid
+from loraq_export.errors import UserError
 from loraq_export.commands.bench_report import pareto, peer_ratios
 from loraq_export.models.diffusion import build_from_config
 
@@ -74,6 +75,18 @@ def test_pairs_that_collapse_are_computed_once():
                      ("hqq", "w4a16-g64-asym"): ["w4a16-g64-r32-w8a8", "w4a16-g64-r16-w4a16"],
                      ("loraq", "w4a16-g64-r32-w8a8"): ["w4a16-g64-r32-w8a8"],
                      ("loraq", "w4a16-g64-r16-w4a16"): ["w4a16-g64-r16-w4a16"]}
+
+
+def test_budgets_add_allocated_pairs_except_for_ort_rtn():
+    grid = build_grid("ort-rtn,gptq", "w4a16-g64-asym,w4a16-g128-asym@4.8", "4.5625,5")
+    assert [(p.method, p.recipe) for p in grid] == [
+        ("ort-rtn", "w4a16-g64-asym"), ("gptq", "w4a16-g64-asym"), ("gptq", "w4a16-g64-asym@4.5625"),
+        ("gptq", "w4a16-g64-asym@5"), ("gptq", "w4a16-g128-asym@4.8")]
+    for bad in ("0", "abc", "-1", "nan"):
+        with pytest.raises(UserError, match="not a positive number of bits"):
+            build_grid("gptq", "w4a16-g64", bad)
+    with pytest.raises(UserError, match="not a positive number of bits"):
+        build_grid("gptq", "w4a16-g64@x")
 
 
 def test_ratio_takes_the_best_peer_at_equal_or_fewer_bits():

@@ -147,14 +147,16 @@ def build_grid(methods: str, recipes: str, budgets: Optional[str] = None) -> lis
     return list(pairs.values())
 
 
-def plan_pair(loaded, pair: Pair, seed: int = 0, stats: Optional[dict] = None):
-    """(recipe, plans) of a pair; ``stats`` caches the input statistics shared by every pair."""
+def plan_pair(loaded, pair: Pair, seed: int = 0, cache: Optional[dict] = None):
+    """(recipe, plans) of a pair; ``cache`` keeps the input statistics and layer sensitivities that
+    every pair shares (the bench never folds, so the model does not change between pairs)."""
     from loraq_export.fit.prepare import prepare_fit
     name, _, budget = pair.recipe.partition(BUDGET_SEP)
     # the bench exports for ONNX Runtime: symmetric grids use its signed scales
     recipe = load_recipe(name, "rtn" if pair.method in PEER_METHODS else pair.method).for_target("ort")
+    cache = {} if cache is None else cache
     recipe, plans, _ = prepare_fit(loaded, recipe, seed, float(budget) if budget else None, "ort", fold=False,
-                                   stats={} if stats is None else stats)
+                                   stats=cache.setdefault("stats", {}), sensitivity=cache.setdefault("sensitivity", {}))
     return recipe, plans
 
 
@@ -224,8 +226,8 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
         if opts.sentences is not None and loaded.kind != "bert":
             raise UserError(f"--sentences applies to sentence encoders; {loaded.name} is a {loaded.kind} model "
                             "(its quality is measured on sampled latents): drop --sentences")
-        stats = {}
-        planned = {(p.method, p.recipe): plan_pair(loaded, p, opts.seed, stats) for p in grid}  # before fitting
+        cache = {}
+        planned = {(p.method, p.recipe): plan_pair(loaded, p, opts.seed, cache) for p in grid}  # before fitting
         store = BenchDir(opts.out, identity(opts, loaded))
         store.check()
         dist.barrier()
