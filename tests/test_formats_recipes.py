@@ -50,7 +50,7 @@ def test_nested_config_errors_name_the_field():
 def test_method_options_are_typed_and_checked():
     assert method_options("loraq", {"steps": 12}).steps == 12
     assert method_options("loraq").steps == type(method_options("loraq"))().steps  # defaults
-    with pytest.raises(ValueError, match="unknown key.*stesp.*known: init_iters, lr, steps"):
+    with pytest.raises(ValueError, match="unknown key.*stesp.*known: init_iters, input_stats, lr, steps"):
         method_options("loraq", {"stesp": 12})
     with pytest.raises(ValueError, match="steps: expected an integer"):
         method_options("loraq", {"steps": "many"})

@@ -97,3 +97,29 @@ def test_model_statistics_match_a_direct_computation():
     assert torch.allclose(s.mean, rows.mean(0), atol=1e-5)
     ref = torch.cov(rows.T.double(), correction=0).float()
     assert torch.allclose(s.covariance(), ref, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("recipe_rank", [0, 16])
+def test_loraq_rounds_its_main_path_against_the_statistics(recipe_rank):
+    """loraq with input statistics keeps its grid and branch, re-rounds the main codes by GPTQ and
+    shifts the bias (rank 0: a layer an allocation gives no branch)."""
+    from calibless.formats import branch_format
+    from calibless.methods import method_options
+    g = torch.Generator().manual_seed(2)
+    k, n = 256, 128
+    w = torch.randn(k, n, generator=g) * 0.05
+    x = correlated_inputs(k, seed=3)
+    stats = InputStats.empty(k)
+    stats.add(x)
+    branch = branch_format("w4a16", 64) if recipe_rank else None
+    spec = FitSpec(main_format("w4a16", 64, symmetric=False), recipe_rank, branch,
+                   method_options("loraq", {"steps": 10}))
+    plain = fit_layer(w, spec, "loraq")
+    with_stats = fit_layer(w, spec, "loraq", input_stats=stats)
+    off = fit_layer(w, FitSpec(spec.main, spec.rank, spec.branch, method_options("loraq", {"steps": 10, "input_stats": False})),
+                    "loraq", input_stats=stats)
+    assert plain.bias_shift is None and off.bias_shift is None and with_stats.bias_shift is not None
+    assert torch.equal(off.weight.codes, plain.weight.codes)  # the option turns it off
+    assert torch.equal(with_stats.weight.scale, plain.weight.scale)  # same grid, other codes
+    cov = stats.covariance()
+    assert output_error(w - with_stats.effective_weight(), cov) < 0.8 * output_error(w - plain.effective_weight(), cov)

@@ -97,7 +97,8 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
         raise ValueError(f"Hadamard block {spec.rotation} does not divide in_features {w.shape[0]}")
     if input_stats is not None and input_stats.total.shape[0] != w.shape[0]:
         raise ValueError(f"input statistics are {input_stats.total.shape[0]} wide, the layer has {w.shape[0]} inputs")
-    kwargs = {"input_stats": input_stats} if m.uses_input_stats and fit is m.fit else {}
+    takes_stats = m.uses_input_stats and (fit is m.fit or fit is m.without_branch)
+    kwargs = {"input_stats": input_stats} if takes_stats else {}
     t0 = time.perf_counter()
     try:
         with torch.no_grad():

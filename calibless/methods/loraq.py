@@ -37,6 +37,9 @@ class LoraqOptions:
     init_iters: int = 4  # alternating "quantize residual / SVD" iterations of the initialisation
     steps: int = 80  # gradient steps after it (0: the alternating solution with clipping search)
     lr: float = 0.1  # Adam learning rate, relative to each parameter's RMS
+    # with the layer's input statistics (commands gather them from the model's synthetic inputs):
+    # round the main path by GPTQ against them once the branch is fitted, and shift the bias
+    input_stats: bool = True
 
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
@@ -161,18 +164,33 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     return best
 
 
-def fit_loraq_without_branch(w, spec, seed=0):
+def fit_loraq_without_branch(w, spec, seed=0, input_stats=None):
     """A layer given no branch (rank 0): the per-block clipping search and least-squares scales
-    of LoRaQ's initialisation."""
-    return LayerRecord(quantize_mse(w, spec.main.weight)[0], spec.main)
+    of LoRaQ's initialisation (then GPTQ's rounding on the input statistics, when given)."""
+    return _with_stats(w, LayerRecord(quantize_mse(w, spec.main.weight)[0], spec.main), spec.options, input_stats)
 
 
-@register_method("loraq", options=LoraqOptions, uses_branch=True, without_branch=fit_loraq_without_branch)
-def fit_loraq(w, spec, seed=0):
+def _with_stats(w, rec: LayerRecord, opts, input_stats) -> LayerRecord:
+    """The main codes re-rounded by GPTQ on the grid LoRaQ chose, against what the branch leaves,
+    and the bias shifted by the error's mean (calibless/methods/gptq.py)."""
+    if not opts.input_stats or input_stats is None or input_stats.count == 0:
+        return rec
+    from calibless.methods.gptq import GptqOptions, gptq_round
+    branch = 0 if rec.branch is None else rec.branch.down_weight() @ rec.branch.up_weight()
+    main = rec.weight
+    deq = gptq_round(w - branch, input_stats.covariance(), main, GptqOptions())
+    rec.weight = QTensor.from_float(deq, main.fmt, scale=main.scale, zero_point=main.zero_point)
+    rec.bias_shift = (input_stats.mean.double() @ (w.double() - rec.effective_weight().double())).float()
+    return rec
+
+
+@register_method("loraq", options=LoraqOptions, uses_branch=True, without_branch=fit_loraq_without_branch,
+                 uses_input_stats=True)
+def fit_loraq(w, spec, seed=0, input_stats=None):
     opts = spec.options
     main, a, b, _ = alternate(w, spec, _ClipSearch(spec.main.weight), opts.init_iters, seed)
     if opts.steps > 0:
         _, main, br, a, b = refine(w, main, a, b, spec, opts.steps, opts.lr)
     else:
         _, main, br = _deployed(w, main.scale, a, b, spec, None if main.zero_point is None else main.zero_point.float())
-    return LayerRecord(main, spec.main, br)
+    return _with_stats(w, LayerRecord(main, spec.main, br), opts, input_stats)
