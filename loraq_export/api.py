@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from calibless.methods import get_method
+from loraq_export.errors import UserError
 from loraq_export.fit.folds import fold_rotations
+from loraq_export.fit.input_stats import collect_input_stats
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.plan import plan_layers
 from loraq_export.fit.recipes import Recipe, load_recipe
@@ -34,7 +36,9 @@ def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method
     Linear layers to quantize (default: all; the recipe's include/exclude patterns apply first);
     ``workers``: fitting processes (None: one per core); ``example_inputs``: a tuple for
     ``module(*example_inputs)``, which lets -had<B> rotations be folded into attention value
-    projections where exact (loraq_export/fit/folds.py; without it every rotation runs online).
+    projections where exact (loraq_export/fit/folds.py; without it every rotation runs online),
+    and gives methods that read input statistics (gptq, loraq) the layers' inputs on them (make
+    them representative: many tokens; without them those methods round without statistics).
     ``target``: "ort" (signed scales on symmetric grids) or "tensorrt" (positive scales).
     The fitted records are on each ``LoraqLinear`` as ``.record``.
     """
@@ -49,6 +53,14 @@ def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method
     plans = plan_layers(module, rec, select, type(module).__name__)
     if example_inputs is not None and not get_method(rec.method).rotates:
         fold_rotations(module, plans, lambda: _first_tensor(module(*example_inputs)))
+    if example_inputs is not None and get_method(rec.method).uses_input_stats:
+        try:
+            stats = collect_input_stats(module, [p.name for p in plans if p.quantize], [(example_inputs, None)],
+                                        lambda inputs: module(*inputs))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for p in plans:
+            p.input_stats = stats.get(p.name)
     records = fit_layers(module, plans, rec.method, seed=seed, workers=workers, progress=progress)
     swap_in(module, records)
     return module
