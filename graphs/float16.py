@@ -7,6 +7,14 @@ Values outside float16's range are clamped to +-65504 (the exporters' "minus inf
 mask constant, finfo(float32).min, becomes -65504: still e^-65504 = 0 after softmax). Positive
 values below float16's smallest normal (6.1e-5) that are scale floors (the dynamic activation
 scale floor 1e-8) become that normal: a zero floor would divide an all-zero token by zero.
+
+Two kinds of node stay in float32, with Casts at the region's edges:
+- ops whose ONNX schema has no float16 for a float input (Range: a position index);
+- the sinusoidal embeddings, Sin and Cos with every float computation feeding them (positions,
+  frequencies, the diffusion timestep): their arguments reach 1000 (a timestep), where float16's
+  spacing is 0.5, so sin(t * f) would be off by up to 0.25 rad. A graph input read only there
+  (the timestep) stays a float32 input. Torch's float16 diffusers models do the same (their
+  timestep embedding is computed in float32, then cast).
 """
 from __future__ import annotations
 
@@ -34,21 +42,120 @@ def _convert_type(vi: onnx.ValueInfoProto) -> None:
         vi.type.tensor_type.elem_type = TensorProto.FLOAT16
 
 
+FLOAT32_SEEDS = ("Sin", "Cos")  # with every float computation feeding them
+
+
+def _float_values(model: onnx.ModelProto) -> set:
+    """Names of the float32 values of ``model`` (ONNX shape inference, plus inputs/initializers)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model over 2 GB cannot be inferred in memory: declared types only
+        inferred = model
+    g = inferred.graph
+    names = {vi.name for vi in list(g.input) + list(g.output) + list(g.value_info)
+             if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    names |= {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
+    for n in g.node:
+        if n.op_type == "Constant" and any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT
+                                           for a in n.attribute):
+            names.add(n.output[0])
+    return names
+
+
+def _no_float16(node: onnx.NodeProto, floats: set, opset: int) -> bool:
+    """True when the node's schema takes no float16 at one of its float inputs (Range)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except Exception:
+        return False
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    for i, name in enumerate(node.input):
+        if name in floats and schema.inputs:
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+            if "tensor(float16)" not in allowed.get(formal.type_str, {formal.type_str}):
+                return True
+    return False
+
+
+def float32_region(model: onnx.ModelProto, floats: set = None) -> set:
+    """Indices of the nodes that stay in float32 (see the module docstring); ``floats``: the
+    float32 value names (default: inferred)."""
+    g = model.graph
+    floats = _float_values(model) if floats is None else floats
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    producers = {o: i for i, n in enumerate(g.node) for o in n.output}
+    keep = {i for i, n in enumerate(g.node) if n.domain in ("", "ai.onnx") and _no_float16(n, floats, opset)}
+    closure, todo = set(), [i for i, n in enumerate(g.node) if n.op_type in FLOAT32_SEEDS]
+    while todo:
+        i = todo.pop()
+        if i in closure:
+            continue
+        closure.add(i)
+        todo += [producers[name] for name in g.node[i].input if name in floats and name in producers]
+    return keep | closure
+
+
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` computing in float16 throughout (see the module docstring)."""
+    """A copy of ``model`` computing in float16 except where float32 is needed (see the module docstring)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    floats = _float_values(out)
+    keep = float32_region(out, floats)
+    readers: dict = {}
+    for i, n in enumerate(g.node):
+        for name in n.input:
+            readers.setdefault(name, set()).add(i)
+    kept_outputs = {o for i in keep for o in g.node[i].output}
+    for o in g.output:
+        if o.name in kept_outputs and o.name in floats:
+            raise ValueError(f"graph output {o.name} is computed in the float32 region")
+    # float32 sources (inputs, initializers) read only inside the region stay float32
+    sources = {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    stay = {name for name in sources & floats if readers.get(name) and readers[name] <= keep}
     for t in g.initializer:
-        _convert_tensor(t)
+        if t.name not in stay:
+            _convert_tensor(t)
     for vi in list(g.input) + list(g.output) + list(g.value_info):
-        _convert_type(vi)
-    for node in g.node:
-        for a in node.attribute:
-            if a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.FLOAT16
-            elif a.type == onnx.AttributeProto.TENSOR:
-                _convert_tensor(a.t)
-            elif a.name in ("dtype", "output_dtype") and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.FLOAT16
+        if vi.name not in stay and vi.name not in kept_outputs:
+            _convert_type(vi)
+    nodes, casts = [], set()
+
+    def cast(name: str, to: int) -> str:
+        new = f"{name}/as_{'fp32' if to == TensorProto.FLOAT else 'fp16'}"
+        if new not in casts:
+            casts.add(new)
+            nodes.append(onnx.helper.make_node("Cast", [name], [new], name=f"{new}/Cast", to=to))
+        return new
+
+    for i, node in enumerate(g.node):
+        if i in keep:  # float16 values read by the region: cast up just before
+            for k, name in enumerate(node.input):
+                if name in floats and name not in kept_outputs and name not in stay:
+                    node.input[k] = cast(name, TensorProto.FLOAT)
+        else:  # region outputs read outside it: the cast-down copy
+            for k, name in enumerate(node.input):
+                if name in kept_outputs and name in floats:
+                    node.input[k] = f"{name}/as_fp16"
+            _convert_attributes(node)
+        nodes.append(node)
+        if i in keep:  # cast its float32 outputs down just after, where read outside the region
+            for name in node.output:
+                if name in floats and readers.get(name, set()) - keep:
+                    cast(name, TensorProto.FLOAT16)
+    copies = [onnx.NodeProto() for _ in nodes]  # the originals belong to the field cleared next
+    for a, b in zip(copies, nodes):
+        a.CopyFrom(b)
+    del g.node[:]
+    g.node.extend(copies)
     return out
+
+
+def _convert_attributes(node: onnx.NodeProto) -> None:
+    for a in node.attribute:
+        if a.name == "to" and a.i == TensorProto.FLOAT:
+            a.i = TensorProto.FLOAT16
+        elif a.type == onnx.AttributeProto.TENSOR:
+            _convert_tensor(a.t)
+        elif a.name in ("dtype", "output_dtype") and a.i == TensorProto.FLOAT:
+            a.i = TensorProto.FLOAT16

@@ -32,3 +32,37 @@ def test_dynamic_activation_scale_floor_stays_positive():
     assert eps and all(e.size == 1 and e.reshape(-1)[0] == np.float16(FP16_TINY) for e in eps)  # 1e-8 would underflow to 0
     x = {"x": np.zeros((1, 4, 128), np.float16)}  # an all-zero token: 0 / floor, not 0 / 0
     assert np.isfinite(run(half, x)).all()
+
+
+def _timestep_embedding_model():
+    """y = x + [sin(t f), cos(t f)], f = exp(-ln(10000) i / 4) for i = Range(0, 4): a diffusion
+    model's sinusoidal timestep embedding, with Range (no float16 in ONNX) and Sin/Cos."""
+    from onnx import helper
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.float32), name))  # noqa: E731
+    nodes = [c("start", 0.0), c("limit", 4.0), c("delta", 1.0), c("coef", -np.log(10000.0) / 4),
+             helper.make_node("Range", ["start", "limit", "delta"], ["i"]),
+             helper.make_node("Mul", ["i", "coef"], ["e"]), helper.make_node("Exp", ["e"], ["f"]),
+             helper.make_node("Unsqueeze", ["t", "axis1"], ["t1"]), helper.make_node("Mul", ["t1", "f"], ["arg"]),
+             helper.make_node("Sin", ["arg"], ["s"]), helper.make_node("Cos", ["arg"], ["co"]),
+             helper.make_node("Concat", ["s", "co"], ["emb"], axis=1), helper.make_node("Add", ["x", "emb"], ["y"])]
+    graph = helper.make_graph(nodes, "temb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8]),
+                                              helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                              [onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_sinusoidal_embedding_and_range_stay_float32():
+    model = _timestep_embedding_model()
+    half = to_float16(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(half.graph.input) + list(half.graph.output)}
+    # x and y in float16; the timestep, read only by the embedding, stays a float32 input
+    assert types == {"x": TensorProto.FLOAT16, "t": TensorProto.FLOAT, "y": TensorProto.FLOAT16}
+    assert {n.op_type for n in half.graph.node} >= {"Range", "Cast"}
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    t = np.array([999.7, 3.3], np.float32)  # 999.7 in float16 is 999.5: sin(t) would move by 0.2
+    y32 = run(model, {"x": x, "t": t})
+    y16 = run(half, {"x": x.astype(np.float16), "t": t})
+    assert y16.dtype == np.float16
+    # only x, the Cast of the embedding and the Add round to float16: a few u = 4.9e-4 each
+    assert np.abs(y16.astype(np.float32) - y32).max() < 4 * 2.0 ** -11 * np.abs(y32).max()
