@@ -93,8 +93,10 @@ def test_ratio_takes_the_best_peer_at_equal_or_fewer_bits():
     def row(method, bits, err):
         return {"method": method, "recipe": f"{method}-{bits}", "bits_per_weight": bits, "e2e_error": err}
     rows = [row("hqq", 4.28, 0.04), row("ort-rtn", 4.5, 0.03), row("rtn", 4.5, 0.001), row("ort-rtn", 5.2, 0.01),
-            row("loraq", 4.5, 0.015), row("loraq", 4.1, 0.02)]
+            row("loraq", 4.5, 0.015), row("loraq", 4.1, 0.02), row("gptq", 4.5, 0.006)]
+    rows.append(dict(row("hqq", 4.5, 0.005), recipe="w4a16-g64-asym@4.5"))  # loraq's allocation, not the peer's
     by_recipe = {q["recipe"]: q for q in peer_ratios(rows)}
+    assert by_recipe["gptq-4.5"]["ratio"] == pytest.approx(0.2)
     assert by_recipe["loraq-4.5"]["best_peer"]["recipe"] == "ort-rtn-4.5"  # rtn is no peer; 5.2 bits is too many
     assert by_recipe["loraq-4.5"]["ratio"] == pytest.approx(0.5)
     assert by_recipe["loraq-4.1"]["best_peer"] is None and by_recipe["loraq-4.1"]["ratio"] is None

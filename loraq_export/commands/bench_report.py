@@ -30,7 +30,8 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["method"] not in OUR_METHODS or r["e2e_error"] is None:
             continue
-        peers = [p for p in rows if p["method"] in PEERS and p["e2e_error"] is not None
+        # a peer as a user would run it: a peer row allocated by loraq's own --budget is loraq's work
+        peers = [p for p in rows if p["method"] in PEERS and p["e2e_error"] is not None and "@" not in p["recipe"]
                  and p["bits_per_weight"] <= r["bits_per_weight"] + BITS_SLACK]
         best = min(peers, key=lambda p: p["e2e_error"], default=None)
         out.append({"method": r["method"], "recipe": r["recipe"], "bits_per_weight": r["bits_per_weight"], "e2e_error": r["e2e_error"],

@@ -32,7 +32,7 @@ def first_word_id(tokenizer) -> int:
     raise ValueError("the tokenizer's vocabulary has no ordinary words to draw synthetic sequences from")
 
 
-def synthetic_token_batches(tokenizer, sequences: int = 256, batch: int = 32, seed: int = 0,
+def synthetic_token_batches(tokenizer, sequences: int = 512, batch: int = 32, seed: int = 0,
                             ) -> list[tuple[tuple[torch.Tensor, ...], Optional[torch.Tensor]]]:
     """``sequences`` synthetic sequences in batches of (input_ids, attention_mask, token_type_ids),
     each with its token mask (the rows that are not padding)."""
