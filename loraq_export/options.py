@@ -24,3 +24,12 @@ class Options:
     convert: bool = False  # let the target legalizer convert what it cannot express (tensorrt: 4-bit activations)
     budget: Optional[float] = None  # bits per weight: allocate per-layer formats under it (fit/allocation.py)
     dtype: Optional[str] = None  # graph float type, fp16 or fp32; None: the target's default
+
+
+def graph_dtype(opts: Options) -> str:
+    """The graph's float type: ``opts.dtype``, else the target's default (TensorRT's strongly typed
+    networks take their precision from the ONNX types: fp16 for deployment; ONNX Runtime: fp32)."""
+    if opts.dtype not in (None, "fp16", "fp32"):
+        from loraq_export.errors import UserError
+        raise UserError(f"unknown dtype {opts.dtype!r}; choose fp16 or fp32")
+    return opts.dtype or ("fp16" if opts.target == "tensorrt" else "fp32")

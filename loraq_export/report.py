@@ -115,6 +115,10 @@ def format_summary(report: dict, out: Path) -> str:
         if cal:
             line += f" (static INT8 activation scales from {cal['batches']} synthetic calibration batches)"
         lines.append(line)
+    h = (v or {}).get("fp16")
+    if h:
+        lines.append(f"  float16 graph vs torch (float32): rel L2 {h['rel_l2']:.1e} (bound {h['bound']:.1e}), "
+                     f"cosine {h['cosine']:.6f}")
     q = report.get("quality")
     if q and "torch" in q:
         lines.append(f"  quality: {q['metric']}: torch {q['torch']['mean']:.4f}"

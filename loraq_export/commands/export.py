@@ -12,7 +12,7 @@ from loraq_export.export.deploy import build_deployable_onnx, validation_batches
 from loraq_export.export.onnx_export import export_graph, save_onnx
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.swap import quantized
-from loraq_export.options import Options
+from loraq_export.options import Options, graph_dtype
 from loraq_export.fit.allocation import write_allocation
 from loraq_export.report import ALLOCATION_FILE, build_report, format_summary
 from loraq_export.store.outputs import staged_dir, write_json_atomic
@@ -21,6 +21,7 @@ from loraq_export.timing import Timer
 
 def run_export(opts: Options, echo=print) -> dict:
     timer = Timer()
+    graph_dtype(opts)  # an unknown dtype is refused before loading or fitting
     src = load_source(opts, timer)
     loaded, fp, records = src.loaded, src.fp, src.records
     with staged_dir(opts.out, opts.overwrite) as stage:

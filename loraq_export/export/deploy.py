@@ -5,7 +5,10 @@ still intact and named there). The graph passes and the ONNX Runtime legalizer a
 float summation order (each is tested on its own); the final graph is compared with the
 validated one end to end, bounded like the end-to-end check. A TensorRT graph replaces dynamic
 activation scales by static ones from a data-free calibration, which changes the numerics by
-design: that difference is measured and reported, not bounded.
+design: that difference is measured and reported, not bounded. A float16 graph (--dtype fp16, the
+default for TensorRT) is the final float32 graph converted (graphs.float16) after all of that,
+checked again against the target's rules, and run end to end against the torch reference within
+validate.fp16_bound; the float32 path does not touch it.
 """
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ from graphs.constants import CALIBRATION_BATCHES
 from graphs.runtime import ort_session
 from loraq_export.errors import UserError
 from loraq_export.export.onnx_export import export_graph, save_onnx
-from loraq_export.export.validate import ValidationError, agreement, validate_onnx
+from loraq_export.export.validate import ValidationError, agreement, validate_fp16, validate_onnx
 from loraq_export.fit.recipes import Recipe
 from loraq_export.fit.swap import LoraqLinear
 from loraq_export.models import LoadedModel
-from loraq_export.options import Options
+from loraq_export.options import Options, graph_dtype
 from loraq_export.timing import Timer
 
 
@@ -72,6 +75,31 @@ def legalize_for_target(fused, loaded: LoadedModel, opts: Options) -> tuple:
     return final, report
 
 
+def quantizes_activations(model) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") and n.input and n.input[0] not in inits
+               for n in model.graph.node)
+
+
+def float16_graph(final, loaded: LoadedModel, opts: Options, batches, final_outputs, layers: int,
+                  end_to_end_bound) -> tuple:
+    """(the legal float32 graph ``final`` in float16, its check against torch) for --dtype fp16:
+    still legal for the target, and agreeing with the quantized torch model within fp16_bound."""
+    import torch
+    from graphs.check import check_model
+    from graphs.float16 import to_float16
+    half = to_float16(final)
+    violations = check_model(half, opts.target)
+    if violations:
+        v = violations[0]
+        raise UserError(f"the float16 graph breaks a {opts.target} rule at {v.node}: [{v.rule}] {v.message}; "
+                        "export with --dtype fp32")
+    with torch.no_grad():
+        refs = [loaded.wrapper(*b).float().numpy() for b in batches]
+    return half, validate_fp16(half, loaded.input_names, batches, refs, final_outputs, layers, end_to_end_bound,
+                               quantizes_activations(final))
+
+
 def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer: Timer,
                           fp_inputs_outputs) -> tuple[dict, dict, object]:
     """Swap-in state: export, validate, run the graph passes, legalize for the target, write
@@ -90,14 +118,20 @@ def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer
         final, graph_report[opts.target] = legalize_for_target(apply_passes(written, passes), loaded, opts)
     with timer("validate"):
         ref_s, fin_s = ort_session(written), ort_session(final)
-        diffs = [agreement(ref_s.run(None, f)[0], fin_s.run(None, f)[0])
-                 for f in ({n: t.numpy() for n, t in zip(loaded.input_names, b)} for b in batches)]
+        feeds = [{n: t.numpy() for n, t in zip(loaded.input_names, b)} for b in batches]
+        final_outputs = [fin_s.run(None, f)[0] for f in feeds]
+        diffs = [agreement(ref_s.run(None, f)[0], out) for f, out in zip(feeds, final_outputs)]
         worst = max(diffs, key=lambda a: a["rel_l2"])
         bound = validation["end_to_end"]["bound"]
         graph_report["final_vs_validated_graph"] = {**worst, "bound": None if opts.target == "tensorrt" else bound}
         if opts.target != "tensorrt" and bound is not None and not worst["rel_l2"] <= bound:
             raise ValidationError(f"the fused graph disagrees with the validated one: relative L2 {worst['rel_l2']:.3g} > "
                                   f"{bound:.3g}; re-run with --no-fuse and please report it")
+    graph_report["dtype"] = graph_dtype(opts)
+    if graph_report["dtype"] == "fp16":
+        with timer("validate"):
+            final, validation["fp16"] = float16_graph(final, loaded, opts, batches, final_outputs,
+                                                      validation["layers"], validation["end_to_end"]["bound"])
     with timer("export"):
         save_onnx(final, stage / "model.onnx")
     session = ort_session(str(stage / "model.onnx"))

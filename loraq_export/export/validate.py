@@ -35,6 +35,22 @@ FLIP_TOLERANCE = 1e-2  # relative L2 allowed when the disagreement is confined t
 # recipes reach that: W4A4 per token on MiniLM, q = 0.65, a fused graph 0.654 from the validated
 # one.) Correctness is what the strict layer-by-layer check proves.
 END_TO_END_FRACTION = 2.0
+# A float16 graph (export --dtype fp16) against the float32 torch reference. float16 has an
+# 11-bit significand: each rounding of a value (the inputs, every weight and activation scale,
+# every op's output) is off by at most the unit roundoff u = 2^-11 = 4.9e-4 relative, about
+# u / sqrt(3) = 2.8e-4 RMS. A quantized layer's output carries the roundings of its scales, its
+# input and its output (a few u); the residual stream adds each layer's independent error, so
+# after n layers the RMS grows about like sqrt(n) u, and normalizations and softmax amplify it by
+# a modest factor. FP16_LAYER_FACTOR = 8 covers a few roundings per layer times that
+# amplification (float16 graph vs float32 graph, measured: MiniLM, 36 layers, w4a16-g64-r32-w4a16,
+# 1.5e-3 = 0.5 sqrt(n) u; PixArt-Sigma preset, one block, 10 layers, w4a16-g64-r32-w8a8, 1.6e-3 =
+# 1.0 sqrt(n) u; the report gives the figure). Bound: the float32 graph's own distance from torch (static
+# activation scales for TensorRT, float summation order) plus FP16_LAYER_FACTOR sqrt(n) u; with
+# quantized activations, float16 rounding moves values across rounding boundaries as float
+# order does, and the end-to-end bound above (twice the quantization error) applies instead
+# when it is larger. A wrong type, a clamped or flushed scale corrupts far more than that.
+FP16_UNIT_ROUNDOFF = 2.0 ** -11
+FP16_LAYER_FACTOR = 8.0
 
 
 class ValidationError(UserError):
@@ -102,4 +118,49 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
             "flip_tolerance": FLIP_TOLERANCE,
             "end_to_end": {"rel_l2": worst["rel_l2"], "max_abs": worst["max_abs"], "cosine": worst["cosine"],
                            "bound": bound, "quant_rel_l2_vs_fp": q},
+            "batches": len(batches), "passed": True}
+
+
+def fp16_bound(layers: int, fp32_rel_l2: float, end_to_end_bound=None, quantized_activations: bool = False) -> float:
+    """The relative L2 a float16 graph may be from the float32 torch reference (see FP16_LAYER_FACTOR)."""
+    bound = fp32_rel_l2 + FP16_LAYER_FACTOR * np.sqrt(max(layers, 1)) * FP16_UNIT_ROUNDOFF
+    if quantized_activations and end_to_end_bound is not None:
+        bound = max(bound, end_to_end_bound)
+    return float(bound)
+
+
+def validate_fp16(model: onnx.ModelProto, input_names: Sequence[str], batches: Sequence[tuple],
+                  torch_outputs: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray], layers: int,
+                  end_to_end_bound=None, quantized_activations: bool = False) -> dict:
+    """ONNX Runtime on the float16 graph ``model`` against the float32 torch reference
+    ``torch_outputs`` on ``batches`` (float inputs rounded to the graph's input types);
+    ``fp32_outputs``: the float32 graph's outputs on the same batches (its own distance from
+    torch enters the bound). Raises ValidationError beyond the bound."""
+    from graphs.runtime import input_specs
+    types = {name: dt for name, dt, _ in input_specs(model)}
+    try:
+        session = ort_session(model)
+    except Exception as e:  # onnxruntime's own exception types
+        raise ValidationError(f"ONNX Runtime cannot load the float16 graph ({str(e).splitlines()[0][:300]}); "
+                              "export with --dtype fp32 and please report it") from None
+    worst = None
+    for inputs, ref, fp32 in zip(batches, torch_outputs, fp32_outputs):
+        out = session.run(None, {n: t.numpy().astype(types.get(n, t.numpy().dtype), copy=False)
+                                 for n, t in zip(input_names, inputs)})[0]
+        if out.shape != ref.shape:
+            raise ValidationError(f"float16 graph output shape {out.shape} differs from torch {ref.shape}")
+        a = agreement(ref, out)
+        a["output_dtype"] = str(out.dtype)
+        a["vs_fp32_graph_rel_l2"] = agreement(fp32, out)["rel_l2"]
+        a["fp32_graph_rel_l2"] = agreement(ref, fp32)["rel_l2"]
+        if worst is None or not a["rel_l2"] <= worst["rel_l2"]:
+            worst = a
+    bound = fp16_bound(layers, max(agreement(r, f)["rel_l2"] for r, f in zip(torch_outputs, fp32_outputs)),
+                       end_to_end_bound, quantized_activations)
+    if not worst["rel_l2"] <= bound:
+        raise ValidationError(f"the float16 graph disagrees with torch: relative L2 {worst['rel_l2']:.3g} > {bound:.3g} "
+                              f"(the float32 graph: {worst['fp32_graph_rel_l2']:.3g}); export with --dtype fp32 "
+                              "and please report it with the recipe used")
+    return {**worst, "bound": bound, "reference": "the quantized torch model in float32",
+            "unit_roundoff": FP16_UNIT_ROUNDOFF, "layer_factor": FP16_LAYER_FACTOR, "layers": layers,
             "batches": len(batches), "passed": True}
