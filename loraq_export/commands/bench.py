@@ -156,7 +156,7 @@ def plan_pair(loaded, pair: Pair, seed: int = 0, cache: Optional[dict] = None):
     recipe = load_recipe(name, "rtn" if pair.method in PEER_METHODS else pair.method).for_target("ort")
     cache = {} if cache is None else cache
     recipe, plans, _ = prepare_fit(loaded, recipe, seed, float(budget) if budget else None, "ort", fold=False,
-                                   stats=cache.setdefault("stats", {}), sensitivity=cache.setdefault("sensitivity", {}))
+                                   stats=cache.setdefault("stats", {}), allocation_cache=cache.setdefault("allocation", {}))
     return recipe, plans
 
 

@@ -56,23 +56,28 @@ def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) 
 def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, target: str, seed: int = 0,
              progress: bool = False, cache: Optional[dict] = None) -> tuple[Recipe, dict]:
     """The recipe with one override per quantized layer, and a summary for the report. ``cache``
-    keeps layer sensitivities between calls on the same unchanged model (the bench's budgets)."""
+    keeps predicted errors and layer sensitivities between calls on the same unchanged model (the
+    bench's budgets)."""
     from tqdm import tqdm
     method = get_method(recipe.method)
     mods = dict(loaded.module.named_modules())
+    cache = {} if cache is None else cache
     chosen_from, costs, weights = {}, {}, 0
     todo = [p for p in plans if p.quantize]
     for p in tqdm(todo, desc=f"allocating {budget:g} bits", unit="layer", disable=not progress, dynamic_ncols=True):
         cands = candidates(recipe.layer_recipe(p.name), p.in_features, p.out_features, method.uses_branch, target)
-        specs = [_spec(recipe, c, target) for c in cands]
-        w = mods[p.name].weight.detach().float().T
-        rot = cands[0].rotation
-        if rot is not None and p.folded_by is None:
-            w = Rotation(rot).rotate_weight(w)
-        cw = None if p.input_stats is None else _channel_weight(p, rot)
-        errors = predicted_errors(w, specs, cw, seed)
-        bits = candidate_bits(p.in_features, p.out_features, specs, method.uses_branch, method.rotates)
-        costs[p.name] = [Cost(b, e) for b, e in zip(bits, errors)]
+        key = ("costs", p.name, tuple(c.name for c in cands), recipe.method, target, p.folded_by, seed)
+        if key not in cache:
+            specs = [_spec(recipe, c, target) for c in cands]
+            w = mods[p.name].weight.detach().float().T
+            rot = cands[0].rotation
+            if rot is not None and p.folded_by is None:
+                w = Rotation(rot).rotate_weight(w)
+            cw = None if p.input_stats is None else _channel_weight(p, rot)
+            errors = predicted_errors(w, specs, cw, seed)
+            bits = candidate_bits(p.in_features, p.out_features, specs, method.uses_branch, method.rotates)
+            cache[key] = [Cost(b, e) for b, e in zip(bits, errors)]
+        costs[p.name] = cache[key]
         chosen_from[p.name] = cands
         weights += p.in_features * p.out_features
     sens = layer_sensitivity(loaded, todo, {n: (chosen_from[n][0], costs[n][0].error) for n in costs}, seed, progress,
@@ -123,7 +128,7 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
     cache = {} if cache is None else cache
     for p in tqdm(plans, desc="layer sensitivity", unit="layer", disable=not progress, dynamic_ncols=True):
         lr, predicted = reference[p.name]
-        key = (p.name, lr.name, p.folded_by, seed)
+        key = ("sensitivity", p.name, lr.name, p.folded_by, seed)
         if key in cache:
             out[p.name] = cache[key] / max(predicted, 1e-30)
             continue

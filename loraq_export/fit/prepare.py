@@ -15,17 +15,17 @@ from loraq_export.fit.recipes import Recipe
 
 def prepare_fit(loaded, recipe: Recipe, seed: int, budget: Optional[float] = None, target: str = "ort",
                 progress: bool = False, fold: bool = True, stats: Optional[dict] = None,
-                sensitivity: Optional[dict] = None) -> tuple[Recipe, list[LayerPlan], Optional[dict]]:
+                allocation_cache: Optional[dict] = None) -> tuple[Recipe, list[LayerPlan], Optional[dict]]:
     """(recipe to fit, plans, allocation summary or None). ``fold`` False leaves the model as it is
     (the bench shares one loaded model between pairs); ``stats``: a cache of input statistics by
-    layer name, filled as needed, and ``sensitivity`` one of layer sensitivities (both valid only
+    layer name, filled as needed, and ``allocation_cache`` the allocation's (both valid only
     for an unfolded model)."""
     plans = plan_and_fold(loaded, recipe, seed) if fold else plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     if get_method(recipe.method).uses_input_stats or budget is not None:
         attach_input_stats(loaded, plans, seed, progress, stats)
     if budget is None:
         return recipe, plans, None
-    recipe, summary = allocate(loaded, recipe, plans, budget, target, seed, progress, sensitivity)
+    recipe, summary = allocate(loaded, recipe, plans, budget, target, seed, progress, allocation_cache)
     before = {p.name: p for p in plans}
     plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     for p in plans:  # the allocation changes formats only: folds and statistics still hold
