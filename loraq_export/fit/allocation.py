@@ -103,7 +103,9 @@ def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, targ
     return allocated, summary
 
 
-SENSITIVITY_BATCHES = 1  # one forward per layer: for MiniLM 32 synthetic sequences
+# one forward per layer of a few synthetic samples (MiniLM: 8 sequences, ~200 tokens): a per-layer
+# scale factor needs no more, and it keeps the allocation's cost near that of the fit itself
+SENSITIVITY_SAMPLES = 8
 
 
 @torch.no_grad()
@@ -120,7 +122,8 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
     if getattr(loaded, "synthetic_batches", None) is None:
         return None
     from loraq_export.fit.input_stats import STATS_SEED_OFFSET
-    batches = [b for b, _ in loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[:SENSITIVITY_BATCHES]]
+    first, _ = loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[0]
+    batches = [tuple(t[:SENSITIVITY_SAMPLES] for t in first)]  # inputs are batch-first
     fp = [loaded.wrapper(*b).float() for b in batches]
     energy = sum(float((y ** 2).sum()) for y in fp)
     mods = dict(loaded.module.named_modules())
