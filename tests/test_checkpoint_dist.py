@@ -11,7 +11,7 @@ import torch
 
 from loraq_export.store.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from loraq_export.fit.parallel import fit_layers
-from loraq_export.fit.plan import plan_layers
+from loraq_export.fit.prepare import prepare_fit
 from loraq_export.models import load_model
 from loraq_export.options import Options
 from loraq_export.commands.quantize import run_quantize
@@ -38,7 +38,8 @@ def quantize(tmp_path, name, *extra, method="lqer", recipe="w4a8-g64-r16-w6a6"):
 def test_reload_equals_in_memory_exactly(tmp_path, recipe, method):
     loaded = load_model("pixart-sigma", num_layers=1)
     r = load_recipe(recipe, method).for_target("ort")  # what quantize does by default
-    records = fit_layers(loaded.module, plan_layers(loaded.module, r, loaded.select), method, workers=1, progress=False)
+    _, plans, _ = prepare_fit(loaded, r, seed=0)  # with the input statistics loraq reads
+    records = fit_layers(loaded.module, plans, method, workers=1, progress=False)
     out = tmp_path / "ckpt"
     run_quantize(Options(model="pixart-sigma", num_layers=1, recipe=recipe, method=method, out=out, workers=1,
                          progress=False), echo=lambda s: None)
