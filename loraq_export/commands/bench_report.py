@@ -158,6 +158,14 @@ def plot_png(results: dict) -> Optional[bytes]:
     return buf.getvalue()
 
 
+def metric_name(name, opts):
+    """The metric's description, naming the user's sentence file when one replaced the bundled ones."""
+    sentences = getattr(opts, "sentences", None)
+    if name is None or sentences is None:
+        return name
+    return name.replace("bundled sentences", f"the sentences of {Path(sentences).name}")
+
+
 def write_results(opts, loaded, rows: list[dict], echo=print) -> dict:
     """results.json, results.md and quality_vs_bits.png, each written atomically, from ``rows``."""
     from loraq_export.commands.bench import versions_and_machine
@@ -167,7 +175,8 @@ def write_results(opts, loaded, rows: list[dict], echo=print) -> dict:
     rows = sort_rows(rows)
     results = {"command": opts.command, "model": {"name": loaded.name, "kind": loaded.kind, "argument": opts.model or "minilm",
                                                   "num_layers": opts.num_layers},
-               "seed": opts.seed, "metric_kind": kind, "metric": METRIC_NAMES.get(kind), "versions": versions,
+               "seed": opts.seed, "metric_kind": kind, "metric": metric_name(METRIC_NAMES.get(kind), opts),
+               "versions": versions,
                "machine": machine, "rows": rows, "ratios": peer_ratios(rows)}
     out = Path(opts.out)
     json_name, md_name, png_name = RESULTS
