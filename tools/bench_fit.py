@@ -24,7 +24,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(_
 
 from docs_section import publish  # noqa: E402
 from loraq_export.fit.parallel import default_workers, fit_layers  # noqa: E402
-from loraq_export.fit.plan import plan_layers  # noqa: E402
+from loraq_export.fit.prepare import prepare_fit  # noqa: E402
 from loraq_export.fit.recipes import load_recipe  # noqa: E402
 from loraq_export.models import load_model  # noqa: E402
 
@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.num_layers)
     recipe = load_recipe(args.recipe, args.method)
-    plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     load_s = time.perf_counter() - t0
+    t_prep = time.perf_counter()
+    recipe, plans, _ = prepare_fit(loaded, recipe, seed=0)  # what export/quantize do: folds, input statistics
+    prepare_s = time.perf_counter() - t_prep
     workers = args.workers or default_workers()
     print(f"model {args.model} ({sum(p.quantize for p in plans)} layers to fit), recipe {recipe.name}, "
           f"method {recipe.method}, {workers} worker processes, torch {torch.__version__}", flush=True)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         lines.append(f"| {shape[0]} x {shape[1]} | {len(secs)} | {med:.2f} | {svd:.2f} | {med / svd:.2f} |")
     errs = [r.stats["rel_error"] for r in records.values()]
     lines += ["", f"fit wall time: {wall:.1f} s ({wall / 60:.2f} min) for {len(records)} layers with {workers} processes; "
-                  f"model build/load {load_s:.1f} s; mean relative weight error {sum(errs) / len(errs):.4f}"]
+                  f"model build/load {load_s:.1f} s; input statistics and folds {prepare_s:.1f} s; mean relative weight error {sum(errs) / len(errs):.4f}"]
     publish("\n".join(lines), f"bench_fit-{args.model}" if args.write_docs else None)
     return 0
 
