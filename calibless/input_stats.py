@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from calibless.rotation import Rotation
+
 
 @dataclass
 class InputStats:
@@ -60,3 +62,9 @@ def output_error(e: torch.Tensor, cov: torch.Tensor) -> float:
     """tr(E^T C E): the mean squared output error, over the inputs' covariance, of a weight error
     ``e`` (in, out), once the bias absorbs the mean's share."""
     return float(((cov @ e) * e).sum())
+
+
+def rotate_stats(stats: InputStats, rot: Rotation) -> InputStats:
+    """The statistics of the rotated input x R: sum R^T sum x, Gram R^T G R."""
+    gram = rot.rotate_input(rot.rotate_input(stats.gram.float()).T.contiguous())
+    return InputStats(stats.count, rot.rotate_input(stats.total.float()).double(), (gram + gram.T) / 2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from calibless.formats import FitSpec, main_format
-from calibless.input_stats import InputStats, output_error
-from calibless.methods import fit_layer, rotate_stats
+from calibless.input_stats import InputStats, output_error, rotate_stats
+from calibless.methods import fit_layer
 from calibless.rotation import Rotation
 
 

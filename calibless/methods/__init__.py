@@ -17,7 +17,7 @@ import torch
 
 from calibless.config import ConfigError, from_dict
 from calibless.formats import FitSpec
-from calibless.input_stats import InputStats
+from calibless.input_stats import InputStats, rotate_stats
 from calibless.record import LayerRecord, relative_error
 from calibless.rotation import Rotation
 
@@ -122,12 +122,6 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
         raise ValueError(f"the fitted layer is not finite (max |w| = {float(w.abs().max()):.3g}; a float16 branch "
                          "holds at most 65504): check the weights, or use a quantized branch format such as w8a8")
     return q
-
-
-def rotate_stats(stats: InputStats, rot: Rotation) -> InputStats:
-    """The statistics of the rotated input x R: sum R^T sum x, Gram R^T G R."""
-    gram = rot.rotate_input(rot.rotate_input(stats.gram.float()).T.contiguous())
-    return InputStats(stats.count, rot.rotate_input(stats.total.float()).double(), (gram + gram.T) / 2)
 
 
 from calibless.methods import rtn, lqer, svdquant, loraq, lopro  # noqa: E402,F401  (registration)

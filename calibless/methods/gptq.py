@@ -96,16 +96,23 @@ def gptq_round(w: torch.Tensor, cov: torch.Tensor, main: QTensor, opts: GptqOpti
     return out[torch.argsort(perm)].float()
 
 
+def round_against_stats(w: torch.Tensor, rec: LayerRecord, input_stats: Optional[InputStats],
+                        opts: GptqOptions) -> LayerRecord:
+    """``rec``'s main codes re-rounded by GPTQ on their own grid against what its branch leaves of
+    ``w``, and (``opts.bias_correction``) the bias shifted by the error's mean. Without statistics
+    ``rec`` is returned as it is."""
+    if input_stats is None or input_stats.count == 0:
+        return rec
+    branch = 0 if rec.branch is None else rec.branch.down_weight() @ rec.branch.up_weight()
+    main = rec.weight
+    deq = gptq_round(w - branch, input_stats.covariance(), main, opts)
+    rec.weight = QTensor.from_float(deq, main.fmt, scale=main.scale, zero_point=main.zero_point)
+    if opts.bias_correction:
+        rec.bias_shift = (input_stats.mean.double() @ (w.double() - rec.effective_weight().double())).float()
+    return rec
+
+
 @register_method("gptq", options=GptqOptions, uses_input_stats=True)
 def fit_gptq(w, spec, seed=0, input_stats: Optional[InputStats] = None):
-    opts = spec.options
-    fmt = spec.main.weight
-    grid, _ = quantize_mse(w, fmt)
-    if input_stats is None or input_stats.count == 0:
-        return LayerRecord(grid, spec.main)
-    deq = gptq_round(w, input_stats.covariance(), grid, opts)
-    main = QTensor.from_float(deq, fmt, scale=grid.scale, zero_point=grid.zero_point)
-    rec = LayerRecord(main, spec.main)
-    if opts.bias_correction:
-        rec.bias_shift = (input_stats.mean.double() @ (w.double() - main.dequantize().double())).float()
-    return rec
+    grid, _ = quantize_mse(w, spec.main.weight)
+    return round_against_stats(w, LayerRecord(grid, spec.main), input_stats, spec.options)

@@ -173,15 +173,10 @@ def fit_loraq_without_branch(w, spec, seed=0, input_stats=None):
 def _with_stats(w, rec: LayerRecord, opts, input_stats) -> LayerRecord:
     """The main codes re-rounded by GPTQ on the grid LoRaQ chose, against what the branch leaves,
     and the bias shifted by the error's mean (calibless/methods/gptq.py)."""
-    if not opts.input_stats or input_stats is None or input_stats.count == 0:
+    if not opts.input_stats:
         return rec
-    from calibless.methods.gptq import GptqOptions, gptq_round
-    branch = 0 if rec.branch is None else rec.branch.down_weight() @ rec.branch.up_weight()
-    main = rec.weight
-    deq = gptq_round(w - branch, input_stats.covariance(), main, GptqOptions())
-    rec.weight = QTensor.from_float(deq, main.fmt, scale=main.scale, zero_point=main.zero_point)
-    rec.bias_shift = (input_stats.mean.double() @ (w.double() - rec.effective_weight().double())).float()
-    return rec
+    from calibless.methods.gptq import GptqOptions, round_against_stats  # gptq imports this module
+    return round_against_stats(w, rec, input_stats, GptqOptions())
 
 
 @register_method("loraq", options=LoraqOptions, uses_branch=True, without_branch=fit_loraq_without_branch,

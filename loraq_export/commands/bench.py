@@ -160,9 +160,9 @@ def plan_pair(loaded, pair: Pair, seed: int = 0, cache: Optional[dict] = None):
     return recipe, plans
 
 
-def identity(opts: BenchOptions, loaded) -> dict:
+def identity(opts: BenchOptions, loaded, texts: Optional[list[str]] = None) -> dict:
+    """What a bench directory's pairs were measured on (``texts``: the --sentences, if any)."""
     src = {k: v for k, v in loaded.source.items() if isinstance(v, (str, int, float, bool, type(None)))}
-    texts = read_sentences(opts.sentences)
     return {"model": opts.model or "minilm", "source": src, "num_layers": opts.num_layers, "seed": opts.seed,
             "loraq_version": __version__,
             "sentences": None if texts is None else hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]}
@@ -219,7 +219,7 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
     from loraq_export.models import load_model
     from loraq_export.store.bench_pairs import BenchDir
     grid = build_grid(opts.methods, opts.recipes, opts.budgets)  # names and recipes first: no model loaded for a typo
-    read_sentences(opts.sentences)
+    texts = read_sentences(opts.sentences)
     dist = Dist.from_env()
     try:
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
@@ -228,7 +228,7 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
                             "(its quality is measured on sampled latents): drop --sentences")
         cache = {}
         planned = {(p.method, p.recipe): plan_pair(loaded, p, opts.seed, cache) for p in grid}  # before fitting
-        store = BenchDir(opts.out, identity(opts, loaded))
+        store = BenchDir(opts.out, identity(opts, loaded, texts))
         store.check()
         dist.barrier()
         if dist.is_main:
@@ -238,7 +238,7 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
         todo = [p for p in mine if store.finished(p.method, p.recipe) is None]
         rows = [dict(store.finished(p.method, p.recipe), requested=p.requested) for p in mine if p not in todo]
         if todo:
-            rows += _run_pairs(loaded, opts, store, todo, planned, dist)
+            rows += _run_pairs(loaded, opts, store, todo, planned, dist, texts)
         rows = _gather(dist, rows)
         if not dist.is_main:
             return None
@@ -250,7 +250,8 @@ def run_bench(opts: BenchOptions, echo=print) -> Optional[dict]:
         dist.close()
 
 
-def _run_pairs(loaded, opts: BenchOptions, store, todo: list[Pair], planned: dict, dist: Dist) -> list[dict]:
+def _run_pairs(loaded, opts: BenchOptions, store, todo: list[Pair], planned: dict, dist: Dist,
+               texts: Optional[list[str]] = None) -> list[dict]:
     from loraq_export.evaluate.bench_rows import make_context
     from loraq_export.evaluate.end_to_end import build_reference
     from loraq_export.export.onnx_export import export_graph, save_onnx
@@ -261,7 +262,7 @@ def _run_pairs(loaded, opts: BenchOptions, store, todo: list[Pair], planned: dic
         if opts.latency or any(p.method in PEER_METHODS for p in todo):
             fp_onnx = Path(tmp) / "model_fp.onnx"
             save_onnx(export_graph(loaded, loaded.make_inputs(seed=opts.seed, batch=2))[0], fp_onnx)
-        ctx = make_context(loaded, build_reference(loaded, opts.seed, read_sentences(opts.sentences)), opts.seed,
+        ctx = make_context(loaded, build_reference(loaded, opts.seed, texts), opts.seed,
                            workers, opts.latency, fp_onnx)
         bar = tqdm(todo, desc=f"bench ({len(todo)} pairs)", unit="pair", disable=not (opts.progress and dist.is_main),
                    dynamic_ncols=True)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
+from calibless.input_stats import rotate_stats
 from calibless.methods import get_method
 from calibless.rotation import Rotation
 from loraq_export.errors import UserError
@@ -111,41 +112,38 @@ SENSITIVITY_SAMPLES = 8
 @torch.no_grad()
 def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int, progress: bool = False,
                       cache: Optional[dict] = None):
-    """Per layer: the model's relative output error on its synthetic inputs when only that layer is
-    quantized (``reference[name]``: its cheapest candidate, round to nearest on the clipping-searched
-    grid), divided by that candidate's predicted error: what one unit of the layer's predicted error
-    costs at the output. Layer errors do not reach the output alike (a residual branch's last
-    projection, a value projection, a feed-forward input...), which the per-layer error cannot see.
-    None when the model builds no synthetic inputs."""
+    """Per layer: the model's relative output error on a few of its synthetic inputs when only that
+    layer is quantized (``reference[name]``: its first candidate, on the clipping-searched grid,
+    with that candidate's predicted error), divided by the predicted error: what one unit of the
+    layer's predicted error costs at the output. Layer errors do not reach the output alike (a
+    residual branch's last projection, a value projection, a feed-forward input...), which the
+    per-layer error cannot see. None when the model builds no synthetic inputs."""
     from tqdm import tqdm
     from calibless.methods.loraq import quantize_mse
-    if getattr(loaded, "synthetic_batches", None) is None:
-        return None
     from loraq_export.fit.input_stats import STATS_SEED_OFFSET
+    if loaded.synthetic_batches is None:
+        return None
     first, _ = loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[0]
-    batches = [tuple(t[:SENSITIVITY_SAMPLES] for t in first)]  # inputs are batch-first
-    fp = [loaded.wrapper(*b).float() for b in batches]
-    energy = sum(float((y ** 2).sum()) for y in fp)
+    sample = tuple(t[:SENSITIVITY_SAMPLES] for t in first)  # inputs are batch-first
+    fp = loaded.wrapper(*sample).float()
+    energy = max(float((fp ** 2).sum()), 1e-30)
     mods = dict(loaded.module.named_modules())
     out = {}
     cache = {} if cache is None else cache
     for p in tqdm(plans, desc="layer sensitivity", unit="layer", disable=not progress, dynamic_ncols=True):
         lr, predicted = reference[p.name]
         key = ("sensitivity", p.name, lr.name, p.folded_by, seed)
-        if key in cache:
-            out[p.name] = cache[key] / max(predicted, 1e-30)
-            continue
-        lin = mods[p.name]
-        saved = lin.weight.detach().clone()
-        w = saved.float().T
-        rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
-        q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
-        try:
-            lin.weight.copy_((q if rot is None else rot.unrotate_weight(q)).T.to(saved.dtype))
-            err = sum(float(((loaded.wrapper(*b).float() - y) ** 2).sum()) for b, y in zip(batches, fp))
-        finally:
-            lin.weight.copy_(saved)
-        cache[key] = err / max(energy, 1e-30)
+        if key not in cache:
+            lin = mods[p.name]
+            saved = lin.weight.detach().clone()
+            w = saved.float().T
+            rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
+            q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
+            try:
+                lin.weight.copy_((q if rot is None else rot.unrotate_weight(q)).T.to(saved.dtype))
+                cache[key] = float(((loaded.wrapper(*sample).float() - fp) ** 2).sum()) / energy
+            finally:
+                lin.weight.copy_(saved)
         out[p.name] = cache[key] / max(predicted, 1e-30)
     return out
 
@@ -156,10 +154,8 @@ def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
 
 
 def _channel_weight(p: LayerPlan, rot: Optional[int]):
-    ms = p.input_stats.mean_square()
     if rot is None or p.folded_by is not None:
-        return ms
-    from calibless.methods import rotate_stats
+        return p.input_stats.mean_square()
     return rotate_stats(p.input_stats, Rotation(rot)).mean_square()
 
 
