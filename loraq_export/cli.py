@@ -10,17 +10,36 @@ from loraq_export.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UserError(f"{self.prog}: {message} (see --help)")
+    def error(self, message):  # one line, not argparse's usage block; main() adds the one "loraq: error: "
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _recipe_help() -> str:
+    """Every choice a recipe string takes, read from the formats themselves."""
+    from calibless.formats import BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS
+    from loraq_export.fit.recipes import DEFAULT_RECIPE
+    groups = " | ".join(f"g{g}" for g in GROUP_SIZES if g) + " | gch (per channel)"
+    return (f"recipe string <main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym] (default {DEFAULT_RECIPE}; "
+            f"TensorRT: its symmetric counterpart), or a .yaml/.json recipe file; main: {' | '.join(MAIN_FORMATS)}; "
+            f"group: {groups}; branch: {' | '.join(BRANCH_FORMATS)}; N, B: powers of two")
+
+
+def _method_help() -> str:
+    from calibless.methods import METHODS
+    from loraq_export.fit.recipes import DEFAULT_METHOD
+    return f"fitting method: {' | '.join(sorted(METHODS))} (default {DEFAULT_METHOD}; see docs/methods.md)"
+
+
+def _model_help() -> str:
+    from loraq_export.models.diffusion_presets import PRESETS
+    return (f"'minilm' (default: the bundled all-MiniLM-L6-v2), a preset ({' | '.join(PRESETS)}: published configs, "
+            "seeded random weights), a local diffusers folder, or a local transformers folder")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="'minilm' (default: the bundled all-MiniLM-L6-v2), a preset (pixart-sigma, sana-600m, "
-                        "sana-1.6b), a local diffusers folder, or a local transformers folder")
-    p.add_argument("--recipe", default=None,
-                   help="recipe string such as w4a16-g64-r32-w8a8 (the default) or a .yaml/.json recipe file")
-    p.add_argument("--method", default=None, help="fitting method: loraq (default), svdquant, lqer, rtn")
+    p.add_argument("model", nargs="?", default=None, help=_model_help())
+    p.add_argument("--recipe", default=None, help=_recipe_help())
+    p.add_argument("--method", default=None, help=_method_help())
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--num-layers", type=int, default=None, help="presets only: build a shallower copy")
@@ -68,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_bench(sub) -> None:
     be = sub.add_parser("bench", help="fit, export and measure every (method, recipe) pair; tables and a plot of "
                                       "quality against bits (resumable; shardable with torchrun like quantize)")
-    be.add_argument("model", nargs="?", default=None, help="as for export: 'minilm' (default), a preset, or a folder")
-    be.add_argument("--methods", default=None, help="comma-separated: any registered method (rtn, hqq, lqer, svdquant, "
-                                                    "loraq, lrq, ...) or ort-rtn (ONNX Runtime's quantizer); "
-                                                    "default: the peers and the branch methods")
-    be.add_argument("--recipes", default=None, help="comma-separated recipe strings (default: three from 4.6 to 5.6 "
-                                                    "bits per weight on MiniLM)")
+    be.add_argument("model", nargs="?", default=None, help=_model_help())
+    from loraq_export.commands.bench import DEFAULT_METHODS, DEFAULT_RECIPES, all_methods
+    be.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(all_methods())} (ort-rtn: "
+                                                    f"ONNX Runtime's quantizer); default {DEFAULT_METHODS}")
+    be.add_argument("--recipes", default=None, help=f"comma-separated recipe strings as for export --recipe, each "
+                                                    f"optionally <recipe>@<bits> (default {DEFAULT_RECIPES})")
     be.add_argument("--out", type=Path, default=Path("loraq-bench"),
                     help="output directory (default loraq-bench); re-running with the same one skips finished pairs")
     be.add_argument("--latency", action="store_true", help="also time each model against FP in ONNX Runtime (slow)")

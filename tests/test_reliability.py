@@ -30,7 +30,7 @@ from loraq_export.models.diffusion import build_from_config
 
 FAST = ["--workers", "1", "--no-progress"]
 # how a message states its fix: after a semicolon, or as the requirement itself
-FIX_CUES = ("; ", " must ", " needs ", "expected", "supported are", "see --help")
+FIX_CUES = ("; ", " must ", " needs ", "expected", "supported are", " --help)")
 
 
 # ------------------------------------------------------------------ helpers
