@@ -1,7 +1,7 @@
 """The Python entry point for any ``nn.Module`` (torchao's ``quantize_`` style):
 
     from loraq_export import quantize_
-    quantize_(model, "w4a16-g64-r32-w8a8", method="loraq",
+    quantize_(model, "w4a16-g64-r16-w4a16-asym", method="loraq",
               filter_fn=lambda mod, name: name.startswith("encoder."))
 
 Every selected ``nn.Linear`` is fitted data-free and replaced in place by a ``LoraqLinear`` that
@@ -31,7 +31,7 @@ def quantize_(module: nn.Module, recipe: Union[str, Recipe, None] = None, method
               target: str = "ort") -> nn.Module:
     """Quantize ``module``'s Linear layers in place and return it.
 
-    ``recipe``: a recipe string or file (default ``w4a16-g64-r32-w8a8``) or a loaded ``Recipe``;
+    ``recipe``: a recipe string or file (default ``DEFAULT_RECIPE``, without a budget) or a loaded ``Recipe``;
     ``method``: overrides the recipe's method; ``filter_fn(linear, fully_qualified_name)``: which
     Linear layers to quantize (default: all; the recipe's include/exclude patterns apply first);
     ``workers``: fitting processes (None: one per core); ``example_inputs``: a tuple for

@@ -17,10 +17,11 @@ class _Parser(argparse.ArgumentParser):
 def _recipe_help() -> str:
     """Every choice a recipe string takes, read from the formats themselves."""
     from calibless.formats import BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS
-    from loraq_export.fit.recipes import DEFAULT_RECIPE
+    from loraq_export.fit.recipes import DEFAULT_BUDGET, DEFAULT_RECIPES
     groups = " | ".join(f"g{g}" for g in GROUP_SIZES if g) + " | gch (per channel)"
-    return (f"recipe string <main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym] (default {DEFAULT_RECIPE}; "
-            f"TensorRT: its symmetric counterpart), or a .yaml/.json recipe file; main: {' | '.join(MAIN_FORMATS)}; "
+    return (f"recipe string <main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym] (default "
+            f"{DEFAULT_RECIPES['ort']} under --budget {DEFAULT_BUDGET:g}; --target tensorrt: {DEFAULT_RECIPES['tensorrt']} "
+            f"under --budget {DEFAULT_BUDGET:g}), or a .yaml/.json recipe file; main: {' | '.join(MAIN_FORMATS)}; "
             f"group: {groups}; branch: {' | '.join(BRANCH_FORMATS)}; N, B: powers of two")
 
 
@@ -48,7 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--budget", type=float, default=None, metavar="BITS",
                    help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
-                        "group size, branch rank and format under it (written to OUT/allocation.yaml)")
+                        "group size, branch rank and format under it (written to OUT/allocation.yaml); without "
+                        "--recipe the default budget applies (see --recipe), with --recipe none")
 
 
 def build_parser() -> argparse.ArgumentParser:

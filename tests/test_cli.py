@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from loraq_export.cli import main
+from loraq_export.fit.recipes import DEFAULT_BUDGET, DEFAULT_RECIPE
 
 
 def run_cli(*args):
@@ -22,12 +23,14 @@ def test_export_minilm_rtn_writes_validated_artifacts(tmp_path):
     assert code == 0, stderr
     assert (out / "model.onnx").is_file() and (out / "model_fp.onnx").is_file()
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "rtn" and report["recipe"]["recipe"] == "w4a16-g64-r32-w8a8"
+    assert report["method"] == "rtn" and report["recipe"]["recipe"] == DEFAULT_RECIPE
     assert report["summary"]["quantized_layers"] == 36 and report["summary"]["skipped_layers"] == 1
     skipped = [l for l in report["layers"] if not l["quantized"]]
     assert skipped[0]["name"] == "pooler.dense" and skipped[0]["reason"]
     assert report["validation"]["passed"] and report["validation"]["worst_layer"]["rel_l2"] < 1e-4
-    assert 4.0 < report["sizes"]["quantized_bits_per_weight"] < 5.0  # int4 codes + fp32 scales per 64
+    # int4 codes + fp32 scales and zero points per group, groups allocated under the default budget
+    assert report["allocation"]["budget"] == DEFAULT_BUDGET
+    assert 4.0 < report["sizes"]["quantized_bits_per_weight"] <= DEFAULT_BUDGET
     z = report["sizes"]  # the quantized layers shrink ~7x; embeddings stay fp32 in both files
     assert z["model_fp.onnx_bytes"] - z["model.onnx_bytes"] > 0.7 * z["quantized_layers_bytes_fp32"]
     q = report["quality"]
@@ -115,14 +118,15 @@ def test_readme_first_command_through_the_console_script(tmp_path):
                        env={k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"})  # the CLI sets it itself
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "loraq-out"
-    assert sorted(f.name for f in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["allocation.yaml", "model.onnx", "report.json"]
     rep = json.loads((out / "report.json").read_text())
-    assert rep["recipe"]["recipe"] == "w4a16-g64-r32-w8a8" and rep["method"] == "loraq"
+    assert rep["recipe"]["recipe"] == DEFAULT_RECIPE and rep["method"] == "loraq"
+    assert rep["allocation"]["budget"] == DEFAULT_BUDGET and rep["sizes"]["quantized_bits_per_weight"] <= DEFAULT_BUDGET
     assert rep["summary"]["quantized_layers"] == 36 and rep["validation"]["passed"]
     assert rep["graph"]["target"] == "ort" and rep["graph"]["ort"]["violations"] == []
     assert rep["quality"]["torch"]["mean"] > 0.98 and abs(rep["quality"]["onnx"]["mean"] - rep["quality"]["torch"]["mean"]) < 1e-3
     first = p.stdout.splitlines()[0]
-    assert first == "loraq: all-MiniLM-L6-v2 | recipe w4a16-g64-r32-w8a8 | method loraq", p.stdout
+    assert first == f"loraq: all-MiniLM-L6-v2 | recipe {DEFAULT_RECIPE} | method loraq", p.stdout
     assert main(["check", str(out / "model.onnx")]) == 0
 
 

@@ -122,3 +122,21 @@ def test_bad_recipe_files(tmp_path, text):
     with pytest.raises(UserError) as e:
         load_recipe(str(p))
     assert "\n" not in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_defaults_per_target_recipe_plus_budget():
+    """No --recipe: the target's default recipe under the default budget (a user's --budget wins);
+    a user's --recipe comes without a budget unless they give one. The TensorRT default is the
+    symmetric counterpart of the ONNX Runtime one, with a block size TensorRT takes."""
+    from graphs.constants import TRT_INT4_BLOCK_SIZES
+    from loraq_export.export.deploy import refuse_undeployable
+    from loraq_export.fit.recipes import DEFAULT_BUDGET, DEFAULT_RECIPES, with_defaults
+    from loraq_export.options import Options
+    assert with_defaults(None, None, "ort") == (DEFAULT_RECIPES["ort"], DEFAULT_BUDGET)
+    assert with_defaults(None, 5.5, "tensorrt") == (DEFAULT_RECIPES["tensorrt"], 5.5)
+    assert with_defaults("w4a16-g128", None, "ort") == ("w4a16-g128", None)
+    assert with_defaults("w4a16-g128", 4.4, "tensorrt") == ("w4a16-g128", 4.4)
+    ort, trt = (parse_layer_recipe(DEFAULT_RECIPES[t]) for t in ("ort", "tensorrt"))
+    assert trt.main.weight.symmetric and trt.branch.weight.symmetric and trt.main.weight.group_size in TRT_INT4_BLOCK_SIZES
+    assert trt.name + "-asym" == ort.name  # the same recipe, symmetric
+    refuse_undeployable(load_recipe(DEFAULT_RECIPES["tensorrt"]).for_target("tensorrt"), Options(target="tensorrt"))

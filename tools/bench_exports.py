@@ -11,7 +11,9 @@ quantized to int8 per block inside the kernel), and the latency ratio to the FP3
 both levels. Latency: one feed of ``batch`` sentences padded to ``seq`` tokens; every model,
 FP32 included, runs once per round, the order reversed every other round; the ratio is the median
 over rounds of (model / FP32 in the same round), so load from other processes cancels.
-``--ort-int8`` adds ONNX Runtime's dynamic INT8 quantizer (``quantize_dynamic``: MatMulInteger
+``--ort-rtn`` adds ONNX Runtime's own 4-bit quantizer (``MatMulNBitsQuantizer``, group 64,
+asymmetric: 4.5625 bits) on the same FP32 graph and layers (its MatMulNBits nodes carry the
+accuracy level as an attribute, set to each level in turn). ``--ort-int8`` adds ONNX Runtime's dynamic INT8 quantizer (``quantize_dynamic``: MatMulInteger
 with DynamicQuantizeLinear, 8-bit weights per tensor) on the same FP32 graph, as a reference.
 """
 from __future__ import annotations
@@ -50,6 +52,26 @@ def ort_int8(fp_path: Path, out: Path) -> Path:
     return out
 
 
+def ort_rtn(loaded, fp_path: Path, tmp: Path) -> dict:
+    """{level: path} of ONNX Runtime's 4-bit quantizer (g64, asymmetric) on the layers loraq selects."""
+    import onnx
+    from calibless.formats import WeightFormat
+    from loraq_export.evaluate.latency import with_accuracy_level
+    from loraq_export.evaluate.peers import matmul_layers, ort_quantize
+    from loraq_export.fit.plan import plan_layers
+    from loraq_export.fit.recipes import load_recipe
+    mods = dict(loaded.module.named_modules())
+    plans = plan_layers(loaded.module, load_recipe("w4a16-g64-asym", "rtn"), loaded.select, loaded.name)
+    weights = {p.name: mods[p.name].weight.detach().float().T.contiguous().numpy() for p in plans if p.quantize}
+    fp = onnx.load(str(fp_path))
+    model, _ = ort_quantize(fp, matmul_layers(fp, weights), WeightFormat(4, False, 64))
+    out = {}
+    for level in LEVELS:
+        out[level] = tmp / f"ort_rtn_{level}.onnx"
+        onnx.save(with_accuracy_level(model, level), str(out[level]))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="loraq export output directories")
@@ -58,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--ort-int8", action="store_true", help="add ONNX Runtime's dynamic INT8 quantizer")
+    ap.add_argument("--ort-rtn", action="store_true", help="add ONNX Runtime's 4-bit quantizer (g64, asymmetric)")
     args = ap.parse_args(argv)
     texts = read_sentences(args.sentences)
     loaded = load_model("minilm", None, 0)
@@ -67,13 +90,15 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-exports-") as tmp:
         fp_path = Path(tmp) / "model_fp.onnx"
         save_onnx(export_graph(loaded, loaded.make_inputs(seed=0, batch=2))[0], fp_path)
-        models = []  # (label, path, bits)
+        models = []  # (label, path or {level: path}, bits)
         for d in args.dirs:
             rep = json.loads((d / "report.json").read_text())
             label = f"{rep['method']} {rep['recipe']['recipe']}"
             if rep.get("allocation"):
                 label += f" --budget {rep['allocation']['budget']:g}"
             models.append((label, d / "model.onnx", rep["sizes"]["quantized_bits_per_weight"]))
+        if args.ort_rtn:
+            models.append(("ort-rtn w4a16-g64-asym (MatMulNBitsQuantizer)", ort_rtn(loaded, fp_path, Path(tmp)), 4.5625))
         if args.ort_int8:
             models.append(("ort quantize_dynamic int8", ort_int8(fp_path, Path(tmp) / "int8.onnx"), 8.0))
         feed = latency_feed(loaded, texts, args.batch, args.seq)
@@ -81,7 +106,8 @@ def main(argv=None) -> None:
         quality = {}
         for label, path, _ in models:
             for level in LEVELS:
-                s = ort_session(str(path), accuracy_level=level, threads=threads, spinning=False)
+                s = ort_session(str(path[level] if isinstance(path, dict) else path), accuracy_level=level,
+                                threads=threads, spinning=False)
                 sessions[(label, level)] = s
                 m = embedding_metrics(fp_emb, embeddings(onnx_runner(s, loaded.input_names), batches))
                 quality[(label, level)] = 1.0 - m["cos_mean"]

@@ -9,7 +9,7 @@ from loraq_export.fit.distributed import Dist
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.allocation import write_allocation
 from loraq_export.fit.prepare import prepare_fit
-from loraq_export.fit.recipes import load_recipe
+from loraq_export.fit.recipes import load_recipe, with_defaults
 from loraq_export.commands.source import check_budget
 from loraq_export.models import load_model
 from loraq_export.report import ALLOCATION_FILE
@@ -36,8 +36,9 @@ def fit_checkpointable(opts, dist: Dist):
     """Load, plan and fit with resume and sharding; returns (loaded, recipe, plans, records, times, partial)."""
     times = {}
     t = time.perf_counter()
-    recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
-    check_budget(opts.budget)
+    text, budget = with_defaults(opts.recipe, opts.budget, opts.target)
+    recipe = load_recipe(text, opts.method).for_target(opts.target)
+    check_budget(budget)
     problem = None
     if dist.is_main:
         try:
@@ -48,7 +49,7 @@ def fit_checkpointable(opts, dist: Dist):
     loaded = load_model(opts.model, opts.num_layers, opts.seed)
     times["load"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, opts.budget, opts.target,
+    recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target,
                                             opts.progress and dist.is_main)
     times["prepare"] = round(time.perf_counter() - t, 3)
     partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))

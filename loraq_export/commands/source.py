@@ -11,7 +11,7 @@ from loraq_export.errors import UserError
 from loraq_export.export.deploy import refuse_undeployable
 from loraq_export.fit.prepare import prepare_fit
 from loraq_export.fit.plan import LayerPlan
-from loraq_export.fit.recipes import Recipe, load_recipe, recipe_from_json
+from loraq_export.fit.recipes import Recipe, load_recipe, recipe_from_json, with_defaults
 from loraq_export.models import LoadedModel, load_model
 from loraq_export.options import Options
 from loraq_export.store.outputs import check_output_dir
@@ -47,14 +47,15 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
         plans += [LayerPlan(n, m.in_features, m.out_features, False, (q.get("skipped") or {}).get(n, "not quantized in the checkpoint"))
                   for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
         return ExportSource(loaded, recipe, plans, records, fp)
-    recipe = load_recipe(opts.recipe, opts.method).for_target(opts.target)
-    check_budget(opts.budget)
+    text, budget = with_defaults(opts.recipe, opts.budget, opts.target)
+    recipe = load_recipe(text, opts.method).for_target(opts.target)
+    check_budget(budget)
     refuse_undeployable(recipe, opts)
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
         loaded = load_model(opts.model, opts.num_layers, opts.seed)
     with timer("prepare"):
-        recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, opts.budget, opts.target, opts.progress)
+        recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target, opts.progress)
     return ExportSource(loaded, recipe, plans, None, loaded, allocation)
 
 

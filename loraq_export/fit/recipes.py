@@ -30,7 +30,12 @@ from calibless.formats import (BRANCH_FORMATS, GROUP_SIZES, MAIN_FORMATS, MAX_BL
 from calibless.methods import METHODS, method_options
 from loraq_export.errors import UserError
 
-DEFAULT_RECIPE = "w4a16-g64-r32-w8a8"
+# What `loraq export` / `quantize` fit when given no --recipe: per target, the recipe and --budget
+# on the front of held-out quality, bits and ONNX Runtime latency (docs/defaults.md has the
+# measurement). TensorRT takes symmetric INT4 blocks of 64 or 128 only: the symmetric counterpart.
+DEFAULT_RECIPES = {"ort": "w4a16-g64-r16-w4a16-asym", "tensorrt": "w4a16-g64-r16-w4a16"}
+DEFAULT_BUDGET = 4.8  # bits per weight, applied with a default recipe unless --budget says otherwise
+DEFAULT_RECIPE = DEFAULT_RECIPES["ort"]  # a recipe alone (the Python API, recipe files): no budget
 DEFAULT_METHOD = "loraq"
 _GROUP = re.compile(r"^g(ch|\d+)$")
 _RANK = re.compile(r"^r(\d+)$")
@@ -233,6 +238,14 @@ def load_recipe(text: Optional[str] = None, method: Optional[str] = None) -> Rec
             raise UserError(f"recipe file {text} is not valid {p.suffix[1:].upper()}: {first}; fix its syntax") from None
         return recipe_from_dict(d, where=f"recipe file {text}").with_method(method)
     return Recipe(parse_layer_recipe(text), source=text).with_method(method)
+
+
+def with_defaults(recipe: Optional[str], budget: Optional[float], target: str) -> tuple[str, Optional[float]]:
+    """(recipe, budget) of a command-line run: the user's recipe with their budget (or none), or,
+    without --recipe, the target's default recipe under their budget or DEFAULT_BUDGET."""
+    if recipe is not None:
+        return recipe, budget
+    return DEFAULT_RECIPES.get(target, DEFAULT_RECIPE), DEFAULT_BUDGET if budget is None else budget
 
 
 def recipe_from_json(d: dict) -> Recipe:
