@@ -12,7 +12,8 @@ from loraq_export.fit.recipes import DEFAULT_BUDGET, DEFAULT_RECIPE
 
 
 def run_cli(*args):
-    p = subprocess.run([sys.executable, "-m", "loraq_export.cli", *args], capture_output=True, text=True, timeout=600)
+    # the default export allocates under a budget (input statistics, layer sensitivities): allow a loaded machine
+    p = subprocess.run([sys.executable, "-m", "loraq_export.cli", *args], capture_output=True, text=True, timeout=1800)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -25,7 +25,7 @@ def test_method_ordering_on_real_minilm(errors):
 
 
 def test_error_levels_stay_where_this_code_measured_them(errors):
-    # measured by this code on these weights (README, "Methods"): RTN 0.115, LQER 0.098, SVDQuant 0.070,
+    # measured by this code on these weights (docs/methods.md, "Measured here"): RTN 0.115, LQER 0.098, SVDQuant 0.070,
     # LoRaQ 0.055; the bounds are loose enough for float noise and tight enough that a broken method fails
     assert 0.10 < errors["rtn"] < 0.13
     assert errors["lqer"] < 0.105

@@ -323,7 +323,7 @@ def test_existing_output_is_refused_by_quantize(tmp_path, capfd, tiny_folder):
 
 
 def test_group_not_dividing_in_features_is_refused_per_layer(tmp_path, tiny_folder):
-    """The rule (README, 'Commands'): never padded; the layer stays in high precision, and the
+    """The rule (docs/methods.md, 'Recipes'): never padded; the layer stays in high precision, and the
     report says why. The tiny model's attention layers have 32 inputs: g64 leaves them out."""
     from loraq_export.options import Options
     from loraq_export.commands.quantize import run_quantize

@@ -7,7 +7,7 @@ Objective: the relative Frobenius error of what is deployed,
 over the branch factors A, B and the main per-block scales s.
 
 Why not a straight-through estimator over the whole main quantizer: then Q(W - AB) ~ W - AB
-and the two AB terms cancel, so A and B get no gradient (README, "LoRaQ"). Here the
+and the two AB terms cancel, so A and B get no gradient (docs/methods.md, "LoRaQ"). Here the
 codes are re-rounded from the current residual at every step and treated as constants in the
 backward pass, which is the true derivative of the piecewise-constant rounding almost
 everywhere: A and B then descend on the error that the current codes leave, s descends like a
