@@ -15,35 +15,10 @@ import numpy as np
 import torch
 
 from loraq_export.errors import UserError
+from loraq_export.models.diffusion_presets import SCHEDULERS  # kind -> (scheduler class, kwargs)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
-# kind -> (diffusers scheduler class, constructor kwargs)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, scheduler/scheduler_config.json: DPM-Solver++(2M) on the
-    # linear-beta DDPM schedule, epsilon prediction (= DPMSolverMultistepScheduler() defaults, which is
-    # what diffusers' scripts/convert_pixart_sigma_to_diffusers.py writes into the pipeline).
-    "pixart": (
-        "DPMSolverMultistepScheduler",
-        {
-            "num_train_timesteps": 1000,
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
-            "beta_schedule": "linear",
-            "solver_order": 2,
-            "prediction_type": "epsilon",
-            "algorithm_type": "dpmsolver++",
-            "solver_type": "midpoint",
-            "lower_order_final": True,
-            "timestep_spacing": "linspace",
-            "steps_offset": 0,
-        },
-    ),
-    # SANA, flow matching with the 1024px flow shift 3.0 (Efficient-Large-Model/Sana_600M_1024px_diffusers
-    # and Sana_1600M_1024px_diffusers scheduler configs; diffusers' scripts/convert_sana_to_diffusers.py,
-    # scheduler_type "flow-euler": FlowMatchEulerDiscreteScheduler(shift=flow_shift), flow_shift=3.0).
-    "sana": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
-}
 _ALIASES = {"pixart-sigma": "pixart", "sana-600m": "sana", "sana-1.6b": "sana"}
 
 
