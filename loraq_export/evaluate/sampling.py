@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from loraq_export.errors import UserError
@@ -76,21 +75,21 @@ def torch_denoiser(wrapper: torch.nn.Module) -> Denoiser:
 
 
 def onnx_denoiser(session, input_names: Sequence[str]) -> Denoiser:
-    """Adapter for an ``onnxruntime.InferenceSession`` with inputs named ``input_names``
-    (hidden_states, timestep, then ``cond``). Inputs the graph lacks are skipped; dtypes follow
+    """Adapter for an exported graph: an ``onnxruntime.InferenceSession`` or a runner of
+    loraq_export/runtime (ONNX Runtime, TensorRT), run through the same ``GraphTransformer`` that
+    ``loraq generate`` puts into diffusers pipelines. ``input_names``: the model's inputs
+    (hidden_states, timestep, then ``cond``); inputs the graph lacks are skipped, dtypes follow
     the graph's declared input types."""
-    graph_inputs = {i.name: i.type for i in session.get_inputs()}
-    np_types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    from loraq_export.runtime import GraphTransformer, OrtRunner
+
+    runner = session if hasattr(session, "backend") else OrtRunner(session)
+    model = GraphTransformer(runner, {})
 
     def denoise(latents, t, cond):
-        values = [latents, _timesteps(t, latents.shape[0]), *cond]
-        feed = {}
-        for name, value in zip(input_names, values):
-            if name in graph_inputs:
-                arr = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-                feed[name] = arr.astype(np_types.get(graph_inputs[name], arr.dtype), copy=False)
-        return torch.from_numpy(np.asarray(session.run(None, feed)[0]))
+        named = dict(zip(input_names[2:], cond))
+        return model(latents, encoder_hidden_states=named["encoder_hidden_states"],
+                     timestep=_timesteps(t, latents.shape[0]),
+                     encoder_attention_mask=named.get("encoder_attention_mask"), return_dict=False)[0]
 
     return denoise
 
