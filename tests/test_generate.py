@@ -194,3 +194,42 @@ def test_image_metrics():
     assert ssim(a, b) == pytest.approx(reference_ssim(a, b), abs=1e-9)
     unrelated = rng.integers(0, 256, a.shape).astype(np.uint8)
     assert abs(ssim(a, unrelated)) < 0.05 < 0.9 < ssim(a, b) < 1.0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_onnx_pipeline_matches_the_torch_quantized_pipeline(pipes, kind, tmp_path, capsys):
+    """quantize -> export -> generate: the ONNX-run pipeline agrees with the pipeline running the
+    checkpoint's torch quantized model within the export's end-to-end validation bound."""
+    from loraq_export.runtime import GraphTransformer, open_onnx
+    from loraq_export.runtime.pipeline import generate, load_pipeline, read_pipeline_folder, with_transformer
+    from loraq_export.store.checkpoint import load_quantized_model
+
+    folder = pipes[kind][0]
+    ckpt, exp, out = tmp_path / "ckpt", tmp_path / "exp", tmp_path / "gen"
+    assert main(["quantize", str(folder), "--recipe", "w4a8-g32-r8-w8a8", "--method", "rtn", "--out", str(ckpt),
+                 "--workers", "1", "--no-progress"]) == 0
+    assert main(["export", str(ckpt), "--out", str(exp), "--no-quality", "--no-progress"]) == 0
+    bound = json.loads((exp / "report.json").read_text())["validation"]["end_to_end"]["bound"]
+    code, _, err = _generate(capsys, folder, "--onnx", exp / "model.onnx", "--prompt", PROMPTS[0], "--steps", STEPS,
+                             "--compare", "--out", out)
+    assert code == 0, err
+    rep = json.loads((out / "generate.json").read_text())
+    assert 20 < rep["images"][0]["psnr_db"] < 80  # quantized: close to FP, not identical
+
+    pf = read_pipeline_folder(folder)
+    fp_pipe = load_pipeline(pf)
+    graph = GraphTransformer(open_onnx(exp / "model.onnx"), pf.transformer_config)
+    args = dict(seed=0, steps=int(STEPS), height=rep["height"], width=rep["width"], progress=False)
+    torch_q = with_transformer(fp_pipe, load_quantized_model(ckpt))
+    onnx_q = with_transformer(fp_pipe, graph)
+    lat_t = generate(torch_q, PROMPTS[0], output_type="latent", **args)
+    lat_o = generate(onnx_q, PROMPTS[0], output_type="latent", **args)
+    lat_fp = generate(fp_pipe, PROMPTS[0], output_type="latent", **args)
+    rel = float((lat_o - lat_t).norm() / lat_t.norm())
+    print(f"{kind}: ONNX vs torch-quantized latents rel L2 {rel:.3g} (bound {bound:.3g}), "
+          f"FP vs torch-quantized {float((lat_fp - lat_t).norm() / lat_t.norm()):.3g}, image PSNR vs FP {rep['images'][0]['psnr_db']}")
+    assert rel <= bound, (rel, bound)
+    assert rel < float((lat_fp - lat_t).norm() / lat_t.norm())  # closer to torch-quantized than FP is
+    # The command's quantized image is this ONNX pipeline's image.
+    img = generate(onnx_q, PROMPTS[0], **args)
+    assert psnr(img, Image.open(out / "quantized/0.png")) == float("inf")

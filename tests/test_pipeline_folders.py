@@ -92,3 +92,24 @@ def test_refuses_existing_path_and_unknown_kind(tmp_path):
     with pytest.raises(UserError, match="unknown pipeline kind"):
         write_pipeline_folder(tmp_path / "new", "flux")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing partial left behind
+
+
+def test_num_layers_is_for_presets_only(tmp_path):
+    with pytest.raises(UserError, match="num_layers applies to size 'preset' only"):
+        write_pipeline_folder(tmp_path / "x", "sana", num_layers=2)
+    with pytest.raises(UserError, match="unknown pipeline size"):
+        write_pipeline_folder(tmp_path / "x", "sana", size="huge")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,width,latent,scale", [("pixart-sigma", 4096, 4, 8), ("sana", 2304, 32, 32)])
+def test_preset_size_has_the_published_widths(tmp_path, kind, width, latent, scale):
+    import diffusers
+
+    folder = write_pipeline_folder(tmp_path / kind, kind, size="preset", num_layers=1)
+    pipe = getattr(diffusers, PIPELINES[kind][0]).from_pretrained(str(folder))
+    enc = pipe.text_encoder.config
+    assert (enc.hidden_size if kind == "sana" else enc.d_model) == pipe.transformer.config.caption_channels == width
+    assert pipe.vae.config.latent_channels == pipe.transformer.config.in_channels == latent
+    assert pipe.vae_scale_factor == scale and pipe.transformer.config.num_layers == 1

@@ -1,7 +1,8 @@
 """Whole local diffusers pipeline folders (text encoder + tokenizer, VAE, scheduler, transformer)
 with seeded random weights, built offline and written by the pipeline's own ``save_pretrained``:
 what ``PixArtSigmaPipeline.from_pretrained(folder)`` / ``SanaPipeline.from_pretrained(folder)``
-load, at sizes that build and run in seconds on a CPU (tests, docs, examples).
+load. Size "tiny" builds and runs in seconds on a CPU (tests); size "preset" has the published
+transformer (docs, examples; see SIZES).
 
 Components per kind (the published pipelines' classes):
 
@@ -30,7 +31,15 @@ from loraq_export.models.random_text_encoders import (  # noqa: F401  (re-export
 )
 
 KINDS = ("pixart-sigma", "sana")
-SIZES = ("tiny",)
+# tiny: every component at toy width (tests: seconds on a CPU). preset: the published transformer
+# config (loraq_export/models/diffusion_presets.py; ``num_layers`` makes it shallower) with text
+# encoders of the published output width (T5-XXL 4096, Gemma-2-2B 2304) but one thin layer, and
+# toy VAEs of the published downsampling and latent channels (8x / 4 for PixArt, 32x / 32 for SANA).
+SIZES = ("tiny", "preset")
+PRESET_OF = {"pixart-sigma": "pixart-sigma", "sana": "sana-600m"}
+PRESET_T5 = {"d_kv": 16, "num_heads": 4, "d_ff": 64, "num_layers": 1}
+PRESET_GEMMA2 = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64,
+                 "num_hidden_layers": 1}
 
 # Tiny VAEs whose latent channels match the tiny transformers (PixArt 4, SANA 8).
 TINY_AUTOENCODER_KL = {
@@ -49,6 +58,14 @@ TINY_AUTOENCODER_DC = {
     "encoder_qkv_multiscales": ((), (), (5,)), "decoder_qkv_multiscales": ((), (), (5,)),
     "scaling_factor": 0.41407,  # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, config.json
 }
+PRESET_AUTOENCODER_DC = {  # 6 blocks: 32x downsampling, 32 latent channels, as dc-ae-f32c32-sana-1.0
+    **TINY_AUTOENCODER_DC, "latent_channels": 32,
+    "encoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    "decoder_block_types": ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    "encoder_block_out_channels": (8, 8, 16, 16, 32, 32), "decoder_block_out_channels": (8, 8, 16, 16, 32, 32),
+    "encoder_layers_per_block": (1,) * 6, "decoder_layers_per_block": (1,) * 6,
+    "encoder_qkv_multiscales": ((),) * 3 + ((5,),) * 3, "decoder_qkv_multiscales": ((),) * 3 + ((5,),) * 3,
+}
 
 
 def _seeded(build, seed: int):
@@ -64,31 +81,42 @@ def build_scheduler(kind: str):
     return getattr(diffusers, cls_name)(**config)
 
 
-def build_pipeline(kind: str = "pixart-sigma", size: str = "tiny", seed: int = 0):
-    """The diffusers pipeline object (float32, CPU) with seeded random weights in every component."""
+def build_pipeline(kind: str = "pixart-sigma", size: str = "tiny", seed: int = 0, num_layers: int | None = None):
+    """The diffusers pipeline object (float32, CPU) with seeded random weights in every component;
+    ``num_layers``: the preset transformer's depth (size "preset" only)."""
     import diffusers
+
+    from loraq_export.models.diffusion import build_preset
 
     if kind not in KINDS:
         raise UserError(f"unknown pipeline kind {kind!r}: choose one of {', '.join(KINDS)}")
     if size not in SIZES:
         raise UserError(f"unknown pipeline size {size!r}: choose one of {', '.join(SIZES)}")
+    if num_layers is not None and size != "preset":
+        raise UserError("num_layers applies to size 'preset' only")
+    if size == "preset":
+        transformer = build_preset(PRESET_OF[kind], num_layers=num_layers, seed=seed)
+    else:
+        transformer = build_from_config(*tiny_config(PRESET_OF[kind]), seed=seed)
+    width = transformer.config.caption_channels
     if kind == "pixart-sigma":
-        transformer = build_from_config(*tiny_config("pixart-sigma"), seed=seed)
         tokenizer = build_t5_tokenizer()
-        text_encoder = build_t5_encoder({"d_model": transformer.config.caption_channels}, seed=seed + 1)
+        text_encoder = build_t5_encoder({**(PRESET_T5 if size == "preset" else {}), "d_model": width}, seed=seed + 1)
         vae = _seeded(lambda: diffusers.AutoencoderKL(**TINY_AUTOENCODER_KL), seed + 2)
         cls = diffusers.PixArtSigmaPipeline
     else:
-        transformer = build_from_config(*tiny_config("sana-600m"), seed=seed)
         tokenizer = build_gemma_tokenizer()
-        text_encoder = build_gemma2_encoder({"hidden_size": transformer.config.caption_channels}, seed=seed + 1)
-        vae = _seeded(lambda: diffusers.AutoencoderDC(**TINY_AUTOENCODER_DC), seed + 2)
+        text_encoder = build_gemma2_encoder({**(PRESET_GEMMA2 if size == "preset" else {}), "hidden_size": width},
+                                            seed=seed + 1)
+        dc = PRESET_AUTOENCODER_DC if size == "preset" else TINY_AUTOENCODER_DC
+        vae = _seeded(lambda: diffusers.AutoencoderDC(**dc), seed + 2)
         cls = diffusers.SanaPipeline
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                scheduler=build_scheduler(kind))
 
 
-def write_pipeline_folder(path, kind: str = "pixart-sigma", size: str = "tiny", seed: int = 0) -> Path:
+def write_pipeline_folder(path, kind: str = "pixart-sigma", size: str = "tiny", seed: int = 0,
+                          num_layers: int | None = None) -> Path:
     """Write a whole pipeline folder at ``path`` with ``save_pretrained`` (safetensors, float32).
 
     Written to a temporary folder beside ``path`` and renamed into place: no partial folder is left
@@ -97,7 +125,7 @@ def write_pipeline_folder(path, kind: str = "pixart-sigma", size: str = "tiny", 
     out = Path(path).expanduser()
     if out.exists():
         raise UserError(f"{out} already exists; choose a new folder for the pipeline")
-    pipe = build_pipeline(kind, size, seed)
+    pipe = build_pipeline(kind, size, seed, num_layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
