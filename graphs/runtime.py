@@ -15,9 +15,11 @@ import onnx
 
 def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int] = 0, threads: Optional[int] = None,
                 spinning: Optional[bool] = None, optimized_path: Optional[str] = None,
-                optimization_level=None, external_initializers: Optional[str] = None):
-    """A CPU InferenceSession of ``model`` (a path or a ModelProto). ``optimized_path``: also write
-    ONNX Runtime's optimized graph there (``external_initializers``: the data file for its weights)."""
+                optimization_level=None, external_initializers: Optional[str] = None,
+                providers: Optional[Sequence[str]] = None):
+    """An InferenceSession of ``model`` (a path or a ModelProto), on the CPU unless ``providers``
+    says otherwise. ``optimized_path``: also write ONNX Runtime's optimized graph there
+    (``external_initializers``: the data file for its weights)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -35,7 +37,7 @@ def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int
         if external_initializers:
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_initializers)
     src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(src, so, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     from loraq_export.commands.engine import add_engine_parser
     add_engine_parser(sub)
+    from loraq_export.commands.generate import add_generate_parser; add_generate_parser(sub)  # noqa: E702
     return parser
 
 

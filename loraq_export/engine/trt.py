@@ -130,3 +130,29 @@ def gpu_timer(engine_or_onnx: Path, profile: Profile, feed: dict, timing_cache: 
         return events["e"].time_ms(lambda: runner.context.execute_async_v3(runner.stream.ptr), runner.stream.ptr)
 
     return activate, time_once, runner.deactivate
+
+
+class EngineRunner:
+    """A TensorRT engine behind the runner interface of loraq_export/runtime/runners.py
+    (``backend``, ``inputs``, ``output_names``, ``run(feed)``), through Polygraphy's ``TrtRunner``
+    (host arrays in and out). ``inputs`` / ``output_names`` come from the ONNX it was built from."""
+
+    backend = "tensorrt"
+
+    def __init__(self, plan: Path, inputs: dict, output_names: list):
+        require_tensorrt()
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        self.inputs, self.output_names = inputs, list(output_names)
+        self._runner = TrtRunner(EngineFromBytes(Path(plan).read_bytes()))
+        try:
+            self._runner.activate()
+        except Exception as e:  # noqa: BLE001 - a plan from another TensorRT version / GPU fails to deserialize
+            raise UserError(f"TensorRT cannot load the engine {plan} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
+                            "rebuild it on this machine with loraq engine build") from None
+
+    def run(self, feed) -> list:
+        out = self._runner.infer(dict(feed))
+        return [out[name] for name in self.output_names]
+
+    def close(self) -> None:
+        self._runner.deactivate()

@@ -11,39 +11,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from loraq_export.errors import UserError
+from loraq_export.models.diffusion_presets import SCHEDULERS  # kind -> (scheduler class, kwargs)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
-# kind -> (diffusers scheduler class, constructor kwargs)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, scheduler/scheduler_config.json: DPM-Solver++(2M) on the
-    # linear-beta DDPM schedule, epsilon prediction (= DPMSolverMultistepScheduler() defaults, which is
-    # what diffusers' scripts/convert_pixart_sigma_to_diffusers.py writes into the pipeline).
-    "pixart": (
-        "DPMSolverMultistepScheduler",
-        {
-            "num_train_timesteps": 1000,
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
-            "beta_schedule": "linear",
-            "solver_order": 2,
-            "prediction_type": "epsilon",
-            "algorithm_type": "dpmsolver++",
-            "solver_type": "midpoint",
-            "lower_order_final": True,
-            "timestep_spacing": "linspace",
-            "steps_offset": 0,
-        },
-    ),
-    # SANA, flow matching with the 1024px flow shift 3.0 (Efficient-Large-Model/Sana_600M_1024px_diffusers
-    # and Sana_1600M_1024px_diffusers scheduler configs; diffusers' scripts/convert_sana_to_diffusers.py,
-    # scheduler_type "flow-euler": FlowMatchEulerDiscreteScheduler(shift=flow_shift), flow_shift=3.0).
-    "sana": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
-}
 _ALIASES = {"pixart-sigma": "pixart", "sana-600m": "sana", "sana-1.6b": "sana"}
 
 
@@ -101,21 +75,21 @@ def torch_denoiser(wrapper: torch.nn.Module) -> Denoiser:
 
 
 def onnx_denoiser(session, input_names: Sequence[str]) -> Denoiser:
-    """Adapter for an ``onnxruntime.InferenceSession`` with inputs named ``input_names``
-    (hidden_states, timestep, then ``cond``). Inputs the graph lacks are skipped; dtypes follow
+    """Adapter for an exported graph: an ``onnxruntime.InferenceSession`` or a runner of
+    loraq_export/runtime (ONNX Runtime, TensorRT), run through the same ``GraphTransformer`` that
+    ``loraq generate`` puts into diffusers pipelines. ``input_names``: the model's inputs
+    (hidden_states, timestep, then ``cond``); inputs the graph lacks are skipped, dtypes follow
     the graph's declared input types."""
-    graph_inputs = {i.name: i.type for i in session.get_inputs()}
-    np_types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    from loraq_export.runtime import GraphTransformer, OrtRunner
+
+    runner = session if hasattr(session, "backend") else OrtRunner(session)
+    model = GraphTransformer(runner, {})
 
     def denoise(latents, t, cond):
-        values = [latents, _timesteps(t, latents.shape[0]), *cond]
-        feed = {}
-        for name, value in zip(input_names, values):
-            if name in graph_inputs:
-                arr = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-                feed[name] = arr.astype(np_types.get(graph_inputs[name], arr.dtype), copy=False)
-        return torch.from_numpy(np.asarray(session.run(None, feed)[0]))
+        named = dict(zip(input_names[2:], cond))
+        return model(latents, encoder_hidden_states=named["encoder_hidden_states"],
+                     timestep=_timesteps(t, latents.shape[0]),
+                     encoder_attention_mask=named.get("encoder_attention_mask"), return_dict=False)[0]
 
     return denoise
 

@@ -89,6 +89,60 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# Width-reducing overrides that keep each class's structure (tests, tiny pipeline folders: ~50k
+# parameters, fast on CPU).
+TINY_OVERRIDES: dict[str, dict] = {
+    "PixArtTransformer2DModel": {
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 1,
+        "cross_attention_dim": 32,
+        "caption_channels": 32,
+        "sample_size": 8,
+        "interpolation_scale": 1,
+    },
+    "SanaTransformer2DModel": {
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 1,
+        "num_cross_attention_heads": 2,
+        "cross_attention_head_dim": 16,
+        "cross_attention_dim": 32,
+        "caption_channels": 32,
+        "in_channels": 8,
+        "out_channels": 8,
+        "sample_size": 8,
+    },
+}
+
+# The presets' pipeline schedulers: kind -> (diffusers scheduler class, constructor kwargs).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, scheduler/scheduler_config.json: DPM-Solver++(2M) on the
+    # linear-beta DDPM schedule, epsilon prediction (= DPMSolverMultistepScheduler() defaults, which is
+    # what diffusers' scripts/convert_pixart_sigma_to_diffusers.py writes into the pipeline).
+    "pixart": (
+        "DPMSolverMultistepScheduler",
+        {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "beta_schedule": "linear",
+            "solver_order": 2,
+            "prediction_type": "epsilon",
+            "algorithm_type": "dpmsolver++",
+            "solver_type": "midpoint",
+            "lower_order_final": True,
+            "timestep_spacing": "linspace",
+            "steps_offset": 0,
+        },
+    ),
+    # SANA, flow matching with the 1024px flow shift 3.0 (Efficient-Large-Model/Sana_600M_1024px_diffusers
+    # and Sana_1600M_1024px_diffusers scheduler configs; diffusers' scripts/convert_sana_to_diffusers.py,
+    # scheduler_type "flow-euler": FlowMatchEulerDiscreteScheduler(shift=flow_shift), flow_shift=3.0).
+    "sana": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+}
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -101,3 +155,10 @@ def preset_config(name: str) -> tuple[str, dict]:
         raise UserError(f"unknown diffusion preset {name!r}: choose one of {', '.join(preset_names())}")
     cls_name, config = PRESETS[name]
     return cls_name, copy.deepcopy(config)
+
+
+def tiny_config(name: str) -> tuple[str, dict]:
+    """A small config of the same class as preset ``name`` (same structure, tiny widths, 1 layer)."""
+    cls_name, config = preset_config(name)
+    config.update(copy.deepcopy(TINY_OVERRIDES[cls_name]))
+    return cls_name, config

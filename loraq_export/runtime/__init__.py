@@ -1,0 +1,9 @@
+"""Running an exported artifact: an ONNX Runtime session or a TensorRT engine behind one runner
+interface (runners.py), as a diffusers pipeline's transformer (transformer.py), inside a local
+pipeline folder (pipeline.py). Used by ``loraq generate``, the export report's sampling check and
+the bench's sampling metric."""
+from loraq_export.runtime.runners import InputSpec, OrtRunner, feed_for, onnx_specs, open_engine, open_onnx
+from loraq_export.runtime.transformer import GraphTransformer, check_fits, fixed_latent_hw
+
+__all__ = ["GraphTransformer", "InputSpec", "OrtRunner", "check_fits", "feed_for", "fixed_latent_hw", "onnx_specs",
+           "open_engine", "open_onnx"]
