@@ -17,7 +17,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="'minilm' (default: the bundled all-MiniLM-L6-v2), a preset (pixart-sigma, sana-600m, "
-                        "sana-1.6b), a local diffusers folder, or a local transformers folder")
+                        "sana-1.6b; text encoders t5-v1_1-xxl, gemma-2-2b), a local diffusers folder, or a local "
+                        "transformers folder (BERT-family, T5 encoder, Gemma-2)")
     p.add_argument("--recipe", default=None,
                    help="recipe string such as w4a16-g64-r32-w8a8 (the default) or a .yaml/.json recipe file")
     p.add_argument("--method", default=None, help="fitting method: loraq (default), svdquant, lqer, rtn")
@@ -27,6 +28,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
     p.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--component", choices=["transformer", "text_encoder", "all"], default=None,
+                   help="a pipeline folder or preset: quantize its transformer (the default for a folder), its text "
+                        "encoder (T5EncoderModel, Gemma2Model), or all: each in its own subfolder of --out, with a "
+                        "memory table")
     p.add_argument("--budget", type=float, default=None, metavar="BITS",
                    help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
                         "group size, branch rank and format under it (written to OUT/allocation.yaml)")
@@ -98,7 +103,7 @@ def _options(args, default_out: str):
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
                    quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
                    fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False),
-                   budget=args.budget, dtype=getattr(args, "dtype", None))
+                   budget=args.budget, dtype=getattr(args, "dtype", None), component=args.component)
 
 
 def cmd_export(args) -> int:

@@ -1,0 +1,138 @@
+"""The pipelines' text encoders (T5 for PixArt-Sigma, Gemma-2 for SANA) as models: a pipeline folder
+with --component text_encoder, or a bare transformers folder, quantized, exported and validated in
+ONNX Runtime like every model; bad folders end as one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from loraq_export.cli import main
+from loraq_export.models.pipeline_folders import write_pipeline_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+RECIPE = "w4a16-g32-r8-w8a8"  # the tiny encoders are 32 wide: g32 quantizes every Linear
+CLASSES = {"pixart-sigma": "T5EncoderModel", "sana": "Gemma2Model"}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {kind: write_pipeline_folder(root / kind, kind, seed=0) for kind in CLASSES}
+
+
+def run(*args) -> int:
+    return main([*map(str, args), "--no-progress", "--workers", "1"])
+
+
+def int4_elements(model: onnx.ModelProto) -> int:
+    """INT4 weight elements in the graph (the passes may concatenate layers that read one input)."""
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4))
+
+
+def linear_elements(rep: dict) -> int:
+    return sum(k * n for k, n in (l["shape"] for l in rep["layers"]))
+
+
+def _fp_states(folder, texts):
+    """The FP encoder's hidden states of the real tokens, loaded as the pipeline would load it."""
+    import transformers
+    from transformers import AutoTokenizer
+    cls = getattr(transformers, json.loads((folder / "model_index.json").read_text())["text_encoder"][1])
+    enc = cls.from_pretrained(str(folder / "text_encoder")).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tok.padding_side = "right"
+    b = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = enc(b["input_ids"], attention_mask=b["attention_mask"])[0]
+    return b, h[b["attention_mask"].bool()].numpy()
+
+
+def _onnx_states(path, batch):
+    from graphs.runtime import ort_session
+    s = ort_session(str(path))
+    out = s.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})[0]
+    return out[batch["attention_mask"].numpy().astype(bool)]
+
+
+def _cosine(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+PROMPTS = ["a photo of a cat sitting on a red chair", "an oil painting of a castle by the sea at sunset",
+           "two dogs running in the snow, cinematic lighting"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_pipeline_text_encoder_every_linear_int4_and_loraq_beats_rtn(pipes, kind, tmp_path):
+    cos = {}
+    for method in ("loraq", "rtn"):
+        out = tmp_path / method
+        assert run("export", pipes[kind], "--component", "text_encoder", "--recipe", RECIPE, "--method", method,
+                   "--out", out) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["model"]["class"] == CLASSES[kind] and rep["model"]["component"] == "text_encoder"
+        assert rep["summary"]["skipped_layers"] == 0 and rep["summary"]["quantized_layers"] == 14
+        assert rep["validation"]["passed"] and rep["validation"]["worst_layer"]["rel_l2"] < 1e-3
+        assert rep["onnx"] == {**rep["onnx"], "inputs": ["input_ids", "attention_mask"], "outputs": ["last_hidden_state"]}
+        g = onnx.load(str(out / "model.onnx"))
+        assert [i.name for i in g.graph.input] == ["input_ids", "attention_mask"]
+        assert int4_elements(g) == linear_elements(rep)  # every encoder Linear's weight is INT4 in the graph
+        batch, fp = _fp_states(pipes[kind], PROMPTS)
+        cos[method] = _cosine(fp, _onnx_states(out / "model.onnx", batch))
+        q = rep["quality"]
+        assert q["tokens"] > 100 and abs(q["onnx"]["mean"] - q["torch"]["mean"]) < 1e-4
+    assert 0.9 < cos["rtn"] < cos["loraq"] < 1.0, cos
+
+
+def test_bare_t5_folder_quantize_then_export_checkpoint(pipes, tmp_path):
+    bare = tmp_path / "t5"
+    shutil.copytree(pipes["pixart-sigma"] / "text_encoder", bare)
+    for f in (pipes["pixart-sigma"] / "tokenizer").iterdir():
+        shutil.copy(f, bare / f.name)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert run("quantize", bare, "--recipe", RECIPE, "--out", ckpt) == 0
+    assert (ckpt / "tokenizer.json").is_file()
+    assert run("export", ckpt, "--out", out) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"]["kind"] == "t5" and rep["summary"]["quantized_layers"] == 14
+    assert rep["quality"]["onnx"]["mean"] > 0.99  # the FP original was found again and compared against
+
+
+def _edit_index(folder, **changes):
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(changes)
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", ["unsupported_class", "no_tokenizer", "no_component", "not_a_pipeline",
+                                  "bare_without_tokenizer"])
+def test_bad_text_encoder_input_one_line_nothing_written(pipes, tmp_path, capsys, case):
+    src = tmp_path / "pipe"
+    shutil.copytree(pipes["pixart-sigma"], src)
+    args = [src, "--component", "text_encoder"]
+    expect = {"unsupported_class": "supported are T5EncoderModel, Gemma2Model", "no_tokenizer": "no tokenizer/",
+              "no_component": "has no text_encoder component", "not_a_pipeline": "--component needs a pipeline",
+              "bare_without_tokenizer": "no tokenizer in"}[case]
+    if case == "unsupported_class":
+        _edit_index(src, text_encoder=["transformers", "CLIPTextModel"])
+    elif case == "no_tokenizer":
+        shutil.rmtree(src / "tokenizer")
+    elif case == "no_component":
+        _edit_index(src, text_encoder=[None, None])
+    elif case == "not_a_pipeline":
+        args = [src / "text_encoder", "--component", "text_encoder"]
+    else:
+        args = [src / "text_encoder"]
+    out = tmp_path / "out"
+    assert run("export", *args, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("loraq: error:") and expect in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
