@@ -136,3 +136,36 @@ def test_bad_text_encoder_input_one_line_nothing_written(pipes, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("loraq: error:") and expect in err, err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_t5_float16_graph_keeps_wo_in_float32(pipes, tmp_path):
+    """wo's outputs beyond float16's range (x1e6 weights): the float16 export keeps wo, the residual
+    stream and the norm statistics in float32 and agrees with torch; the same graph converted with
+    no such region is wrong (weights clamped to float16's range, outputs overflowing)."""
+    from safetensors.torch import load_file, save_file
+    from graphs.float16 import to_float16
+    from graphs.runtime import ort_session
+    from loraq_export.models.text_encoders import T5_FLOAT32
+    src = tmp_path / "pipe"
+    shutil.copytree(pipes["pixart-sigma"], src)
+    f = src / "text_encoder" / "model.safetensors"
+    sd = load_file(str(f))
+    save_file({k: v * 1e6 if ".wo." in k else v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert run("export", src, "--component", "text_encoder", "--recipe", RECIPE, "--dtype", "fp16", "--fp-onnx",
+               "--out", out) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["validation"]["fp16"]["passed"]
+    ops = rep["graph"]["float32_regions"]["ops"]
+    assert ops["MatMul"] >= 2 and ops["Pow"] == 5  # wo in both blocks, the 5 norms' statistics
+    fp32 = onnx.load(str(out / "model_fp.onnx"))
+    batch, _ = _fp_states(src, PROMPTS)
+    feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+    ref = ort_session(fp32).run(None, feeds)[0]
+    assert np.abs(ref).max() < 1e3  # the final norm brings the hidden states back into range
+    kept = ort_session(to_float16(fp32, keep=tuple(T5_FLOAT32))).run(None, feeds)[0].astype(np.float32)
+    plain = ort_session(to_float16(fp32)).run(None, feeds)[0].astype(np.float32)
+    real = batch["attention_mask"].numpy().astype(bool)
+    assert np.isfinite(kept).all() and _cosine(ref[real], kept[real]) > 0.99  # float16 elsewhere, 1e6-sized residuals
+    # without the region: wo's weights clamp to float16's max and its outputs overflow
+    assert not np.isfinite(plain[real]).all() or _cosine(ref[real], plain[real]) < 0.9, _cosine(ref[real], plain[real])

@@ -36,6 +36,22 @@ OUTPUT = "last_hidden_state"
 SYNTHETIC_SEQUENCES = 256  # input statistics: 256 sequences of 6..40 tokens, ~6000 token rows
 
 
+# What a float16 T5 graph keeps in float32 (graphs/float16.py), as transformers computes a float16
+# T5: ``_keep_in_fp32_modules = ["wo"]`` keeps the feed-forward output projections in float32
+# (their activations overflow float16); T5DenseGatedActDense casts wo's input up; the residual
+# add then promotes the residual stream to float32, and T5LayerNorm computes its variance in
+# float32 before casting back to the weight's type (models/t5/modeling_t5.py). Node names are the
+# TorchScript exporter's module scopes (the wrapper holds the encoder as ``model``) and the QDQ
+# writer's layer names.
+T5_FLOAT32 = {
+    r"^(encoder\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo[./]|/model/encoder/block\.\d+/layer\.\d+/DenseReluDense/wo/)":
+        "feed-forward output projections wo (transformers' _keep_in_fp32_modules)",
+    r"^/model/encoder/block\.\d+/layer\.\d+/Add(_\d+)?$": "residual stream (float32 once wo's output joins it)",
+    r"^/model/encoder/(block\.\d+/layer\.\d+/layer_norm|final_layer_norm)/(Cast|Pow|ReduceMean|Add|Sqrt|Div|Mul)$":
+        "RMS-norm statistics (T5LayerNorm computes them in float32)",
+}
+
+
 def supported_list() -> str:
     return ", ".join(SUPPORTED)
 
@@ -159,7 +175,8 @@ def make_text_encoder_model(module: nn.Module, tokenizer, name: str, source: Opt
         src["tokenizer"] = tokenizer
     return LoadedModel(name=name, kind=SUPPORTED[cls_name], module=module, wrapper=TextEncoderWrapper(module).eval(),
                        input_names=names, output_names=[OUTPUT], dynamic_axes=axes, make_inputs=make_inputs,
-                       select=select_encoder_linear, synthetic_batches=synthetic_batches, source=src)
+                       select=select_encoder_linear, synthetic_batches=synthetic_batches, source=src,
+                       float32_regions=T5_FLOAT32 if cls_name == "T5EncoderModel" else {})
 
 
 def folder_model_type(path: Path) -> Optional[str]:
