@@ -108,7 +108,12 @@ def _options(args, default_out: str):
 
 def cmd_export(args) -> int:
     from loraq_export.commands.export import run_export
-    run_export(_options(args, "loraq-out"))
+    opts = _options(args, "loraq-out")
+    if opts.component == "all":
+        from loraq_export.commands.components import run_components
+        run_components(opts, run_export)
+        return 0
+    run_export(opts)
     return 0
 
 
@@ -119,7 +124,12 @@ def cmd_check(args) -> int:
 
 def cmd_quantize(args) -> int:
     from loraq_export.commands.quantize import run_quantize
-    run_quantize(_options(args, "loraq-ckpt"))
+    opts = _options(args, "loraq-ckpt")
+    if opts.component == "all":
+        from loraq_export.commands.components import run_components
+        run_components(opts, run_quantize)
+        return 0
+    run_quantize(opts)
     return 0
 
 

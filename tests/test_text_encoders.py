@@ -169,3 +169,41 @@ def test_t5_float16_graph_keeps_wo_in_float32(pipes, tmp_path):
     assert np.isfinite(kept).all() and _cosine(ref[real], kept[real]) > 0.99  # float16 elsewhere, 1e6-sized residuals
     # without the region: wo's weights clamp to float16's max and its outputs overflow
     assert not np.isfinite(plain[real]).all() or _cosine(ref[real], plain[real]) < 0.9, _cosine(ref[real], plain[real])
+
+
+def test_component_all_writes_each_component_and_the_memory_table(pipes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("export", pipes["sana"], "--component", "all", "--recipe", RECIPE, "--out", out) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["components"] == {"transformer": "transformer/report.json", "text_encoder": "text_encoder/report.json"}
+    for comp in ("transformer", "text_encoder"):
+        assert (out / comp / "model.onnx").is_file()
+    rows = {r["component"]: r for r in rep["memory"]["rows"]}
+    assert set(rows) == {"transformer", "text_encoder", "vae"}
+    te = json.loads((out / "text_encoder" / "report.json").read_text())
+    z = te["sizes"]
+    assert rows["text_encoder"]["fp16_bytes"] == 2 * z["model_params"]
+    assert rows["text_encoder"]["quantized_bytes"] == z["quantized_layers_bytes"] + 2 * (z["model_params"] - z["quantized_weights"])
+    assert rows["vae"]["quantized_bytes"] == rows["vae"]["fp16_bytes"] > 0
+    t = rep["memory"]["total"]
+    assert t["fp16_bytes"] == sum(r["fp16_bytes"] for r in rows.values()) and t["quantized_bytes"] < t["fp16_bytes"]
+    assert "pipeline" in capsys.readouterr().out
+
+
+def test_memory_from_shapes_matches_the_fitted_count(pipes):
+    """The full-size memory table counts bits from shapes alone; on a model that is fitted, the same
+    count comes out of the records."""
+    from loraq_export.evaluate.memory import row_from_module, row_from_report, preset_pipeline_memory
+    from loraq_export.fit.parallel import fit_layers
+    from loraq_export.fit.prepare import prepare_fit
+    from loraq_export.fit.recipes import load_recipe
+    from loraq_export.models import load_model
+    from loraq_export.report import size_summary
+    loaded = load_model(str(pipes["pixart-sigma"]), None, 0, "text_encoder")
+    recipe, plans, _ = prepare_fit(loaded, load_recipe(RECIPE, "rtn"), 0)
+    records = fit_layers(loaded.module, plans, "rtn", workers=1)
+    fitted = row_from_report("te", {"sizes": size_summary(loaded, records)})
+    assert row_from_module("te", loaded.module, recipe, loaded.select, "rtn") == fitted
+    table = preset_pipeline_memory("pixart-sigma")
+    te = next(r for r in table["rows"] if r["component"] == "text_encoder")
+    assert 4.7e9 < te["params"] < 4.8e9 and te["fp16_bytes"] > 9e9  # T5-XXL encoder: 4.76B parameters
