@@ -207,3 +207,34 @@ def test_memory_from_shapes_matches_the_fitted_count(pipes):
     table = preset_pipeline_memory("pixart-sigma")
     te = next(r for r in table["rows"] if r["component"] == "text_encoder")
     assert 4.7e9 < te["params"] < 4.8e9 and te["fp16_bytes"] > 9e9  # T5-XXL encoder: 4.76B parameters
+
+
+def test_token_priors_read_the_tokenizers_own_frequencies():
+    import math
+    from loraq_export.models.pipeline_folders import build_gemma_tokenizer, build_t5_tokenizer
+    from loraq_export.models.token_priors import prior_token_batches, token_prior, tokenizer_model
+    t5 = build_t5_tokenizer()
+    ids, p, name = token_prior(t5, "auto")
+    assert name == "scores"
+    scores = {i: s for i, (_, s) in enumerate(tokenizer_model(t5)["model"]["vocab"])}
+    a, b = int(ids[0]), int(ids[5])
+    assert math.isclose(float(p[0] / p[5]), math.exp(scores[a] - scores[b]), rel_tol=1e-9)  # p = exp(score)
+    assert not set(ids.tolist()) & set(t5.all_special_ids)  # no <pad>, </s>, <unk>, sentinels
+    gemma = build_gemma_tokenizer()
+    ids, p, name = token_prior(gemma, "auto")
+    assert name == "merges"
+    tokens = gemma.convert_ids_to_tokens(ids.tolist())
+    assert not any(t.startswith("<0x") for t in tokens)  # byte-fallback tokens are not drawn
+    merges = tokenizer_model(gemma)["model"]["merges"]
+    first = "".join(merges[0])
+    later = "".join(merges[len(merges) // 2])
+    assert p[tokens.index(first)] > p[tokens.index(later)]  # an early merge is more frequent
+    for tok, first_id, last_id in ((t5, None, t5.eos_token_id), (gemma, gemma.bos_token_id, None)):
+        (ids_b, mask), rows = prior_token_batches(tok, sequences=8, batch=8, seed=0)[0]
+        assert torch.equal(rows, mask.reshape(-1).bool())
+        for seq, m in zip(ids_b, mask):
+            real = seq[m.bool()]
+            assert (first_id is None or real[0] == first_id) and (last_id is None or real[-1] == last_id)
+            assert (seq[~m.bool()] == tok.pad_token_id).all()
+    with pytest.raises(Exception, match="needs a BPE tokenizer"):
+        token_prior(t5, "merges")
