@@ -51,6 +51,15 @@ T5_FLOAT32 = {
         "RMS-norm statistics (T5LayerNorm computes them in float32)",
 }
 
+# Gemma2RMSNorm normalizes in float32 (``self._norm(x.float())``) and casts back
+# (models/gemma2/modeling_gemma2.py); a float16 graph keeps the same statistics in float32 (x^2
+# overflows float16 once |x| > 256). The weight multiply, which makes the graph output, stays float16.
+GEMMA2_FLOAT32 = {
+    r"^/model/(layers\.\d+/[a-z_]+layernorm|norm)/(Cast|Pow|ReduceMean|Add|Sqrt|Div|Mul)$":
+        "RMS-norm statistics (Gemma2RMSNorm computes them in float32)",
+}
+FLOAT32_REGIONS = {"T5EncoderModel": T5_FLOAT32, "Gemma2Model": GEMMA2_FLOAT32}
+
 
 def supported_list() -> str:
     return ", ".join(SUPPORTED)
@@ -176,7 +185,7 @@ def make_text_encoder_model(module: nn.Module, tokenizer, name: str, source: Opt
     return LoadedModel(name=name, kind=SUPPORTED[cls_name], module=module, wrapper=TextEncoderWrapper(module).eval(),
                        input_names=names, output_names=[OUTPUT], dynamic_axes=axes, make_inputs=make_inputs,
                        select=select_encoder_linear, synthetic_batches=synthetic_batches, source=src,
-                       float32_regions=T5_FLOAT32 if cls_name == "T5EncoderModel" else {})
+                       float32_regions=FLOAT32_REGIONS[cls_name])
 
 
 def folder_model_type(path: Path) -> Optional[str]:
