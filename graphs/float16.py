@@ -8,15 +8,21 @@ mask constant, finfo(float32).min, becomes -65504: still e^-65504 = 0 after soft
 values below float16's smallest normal (6.1e-5) that are scale floors (the dynamic activation
 scale floor 1e-8) become that normal: a zero floor would divide an all-zero token by zero.
 
-Two kinds of node stay in float32, with Casts at the region's edges:
+Three kinds of node stay in float32, with Casts at the region's edges:
 - ops whose ONNX schema has no float16 for a float input (Range: a position index);
 - the sinusoidal embeddings, Sin and Cos with every float computation feeding them (positions,
   frequencies, the diffusion timestep): their arguments reach 1000 (a timestep), where float16's
   spacing is 0.5, so sin(t * f) would be off by up to 0.25 rad. A graph input read only there
   (the timestep) stays a float32 input. Torch's float16 diffusers models do the same (their
   timestep embedding is computed in float32, then cast).
+- the nodes a model computes in float32 itself, named by the caller as node-name patterns
+  (``keep``): T5's feed-forward output projections ``wo``, which transformers keeps in float32
+  (``T5PreTrainedModel._keep_in_fp32_modules = ["wo"]``, models/t5/modeling_t5.py) because their
+  activations overflow float16, with the residual stream they feed.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
@@ -77,14 +83,16 @@ def _no_float16(node: onnx.NodeProto, floats: set, opset: int) -> bool:
     return False
 
 
-def float32_region(model: onnx.ModelProto, floats: set = None) -> set:
+def float32_region(model: onnx.ModelProto, floats: set = None, keep=()) -> set:
     """Indices of the nodes that stay in float32 (see the module docstring); ``floats``: the
-    float32 value names (default: inferred)."""
+    float32 value names (default: inferred); ``keep``: node-name regular expressions."""
     g = model.graph
     floats = _float_values(model) if floats is None else floats
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
     producers = {o: i for i, n in enumerate(g.node) for o in n.output}
+    kept = [re.compile(p) for p in keep]
     keep = {i for i, n in enumerate(g.node) if n.domain in ("", "ai.onnx") and _no_float16(n, floats, opset)}
+    keep |= {i for i, n in enumerate(g.node) if any(p.search(n.name) for p in kept)}
     closure, todo = set(), [i for i, n in enumerate(g.node) if n.op_type in FLOAT32_SEEDS]
     while todo:
         i = todo.pop()
@@ -95,13 +103,14 @@ def float32_region(model: onnx.ModelProto, floats: set = None) -> set:
     return keep | closure
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` computing in float16 except where float32 is needed (see the module docstring)."""
+def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
+    """A copy of ``model`` computing in float16 except where float32 is needed (see the module
+    docstring); ``keep``: node-name regular expressions of nodes the model computes in float32."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     floats = _float_values(out)
-    keep = float32_region(out, floats)
+    keep = float32_region(out, floats, keep)
     readers: dict = {}
     for i, n in enumerate(g.node):
         for name in n.input:
@@ -159,3 +168,14 @@ def _convert_attributes(node: onnx.NodeProto) -> None:
             _convert_tensor(a.t)
         elif a.name in ("dtype", "output_dtype") and a.i == TensorProto.FLOAT:
             a.i = TensorProto.FLOAT16
+
+
+def float32_nodes(model: onnx.ModelProto) -> dict:
+    """What a float16 graph computes in float32: op counts of the nodes between the Casts that
+    ``to_float16`` put at the region's edges (outputs read in float32 by float32 nodes)."""
+    from collections import Counter
+    g = model.graph
+    floats = _float_values(model)
+    ops = Counter(n.op_type for n in g.node if n.op_type not in ("Cast", "Constant", "Shape")
+                  and any(o in floats for o in n.output))
+    return dict(sorted(ops.items()))

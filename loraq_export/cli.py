@@ -33,8 +33,10 @@ def _method_help() -> str:
 
 def _model_help() -> str:
     from loraq_export.models.diffusion_presets import PRESETS
-    return (f"'minilm' (default: the bundled all-MiniLM-L6-v2), a preset ({' | '.join(PRESETS)}: published configs, "
-            "seeded random weights), a local diffusers folder, or a local transformers folder")
+    from loraq_export.models.text_encoder_presets import TEXT_ENCODER_PRESETS
+    return (f"'minilm' (default: the bundled all-MiniLM-L6-v2), a preset ({' | '.join(PRESETS)}; text encoders "
+            f"{' | '.join(TEXT_ENCODER_PRESETS)}: published configs, seeded random weights), a local diffusers "
+            "pipeline or transformer folder, or a local transformers folder (BERT-family, T5 encoder, Gemma-2)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for preset weights and fitting (default 0)")
     p.add_argument("--workers", type=int, default=None, help="fitting processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--component", choices=["transformer", "text_encoder", "all"], default=None,
+                   help="a pipeline folder or preset: quantize its transformer (the default for a folder), its text "
+                        "encoder (T5EncoderModel, Gemma2Model), or all: each in its own subfolder of --out, with a "
+                        "memory table")
     p.add_argument("--budget", type=float, default=None, metavar="BITS",
                    help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
                         "group size, branch rank and format under it (written to OUT/allocation.yaml); without "
@@ -120,12 +126,17 @@ def _options(args, default_out: str):
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
                    quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
                    fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False),
-                   budget=args.budget, dtype=getattr(args, "dtype", None))
+                   budget=args.budget, dtype=getattr(args, "dtype", None), component=args.component)
 
 
 def cmd_export(args) -> int:
     from loraq_export.commands.export import run_export
-    run_export(_options(args, "loraq-out"))
+    opts = _options(args, "loraq-out")
+    if opts.component == "all":
+        from loraq_export.commands.components import run_components
+        run_components(opts, run_export)
+        return 0
+    run_export(opts)
     return 0
 
 
@@ -136,7 +147,12 @@ def cmd_check(args) -> int:
 
 def cmd_quantize(args) -> int:
     from loraq_export.commands.quantize import run_quantize
-    run_quantize(_options(args, "loraq-ckpt"))
+    opts = _options(args, "loraq-ckpt")
+    if opts.component == "all":
+        from loraq_export.commands.components import run_components
+        run_components(opts, run_quantize)
+        return 0
+    run_quantize(opts)
     return 0
 
 

@@ -24,6 +24,7 @@ class Options:
     convert: bool = False  # let the target legalizer convert what it cannot express (tensorrt: 4-bit activations)
     budget: Optional[float] = None  # bits per weight: allocate per-layer formats under it (fit/allocation.py)
     dtype: Optional[str] = None  # graph float type, fp16 or fp32; None: the target's default
+    component: Optional[str] = None  # a pipeline's transformer, text_encoder, or all (models/pipeline_components.py)
 
 
 def graph_dtype(opts: Options) -> str:

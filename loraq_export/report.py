@@ -119,6 +119,9 @@ def format_summary(report: dict, out: Path) -> str:
     if h:
         lines.append(f"  float16 graph vs torch (float32): rel L2 {h['rel_l2']:.1e} (bound {h['bound']:.1e}), "
                      f"cosine {h['cosine']:.6f}")
+    f32 = (g or {}).get("float32_regions") or {}
+    if f32.get("model"):
+        lines.append(f"  float16 graph keeps {sum(f32['ops'].values())} nodes in float32: " + "; ".join(f32["model"].values()))
     q = report.get("quality")
     if q and "torch" in q:
         lines.append(f"  quality: {q['metric']}: torch {q['torch']['mean']:.4f}"

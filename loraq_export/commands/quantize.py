@@ -23,13 +23,19 @@ def fp_source(opts) -> dict:
     model = opts.model
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
-    return {"model": model, "num_layers": opts.num_layers}
+    out = {"model": model, "num_layers": opts.num_layers}
+    if opts.component is not None:
+        out["component"] = opts.component  # absent otherwise: checkpoints of single models stay byte-identical
+    return out
 
 
 def run_identity(opts, recipe, loaded) -> dict:
     src = {k: v for k, v in loaded.source.items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return {"model": opts.model or "minilm", "source": src, "recipe": recipe.to_dict(), "seed": opts.seed,
-            "num_layers": opts.num_layers}
+    out = {"model": opts.model or "minilm", "source": src, "recipe": recipe.to_dict(), "seed": opts.seed,
+           "num_layers": opts.num_layers}
+    if opts.component is not None:
+        out["component"] = opts.component
+    return out
 
 
 def fit_checkpointable(opts, dist: Dist):
@@ -46,7 +52,7 @@ def fit_checkpointable(opts, dist: Dist):
         except UserError as e:
             problem = str(e)
     dist.broadcast_error(problem)
-    loaded = load_model(opts.model, opts.num_layers, opts.seed)
+    loaded = load_model(opts.model, opts.num_layers, opts.seed, opts.component)
     times["load"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target,

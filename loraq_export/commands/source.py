@@ -53,7 +53,7 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
     refuse_undeployable(recipe, opts)
     check_output_dir(opts.out, opts.overwrite)
     with timer("load"):
-        loaded = load_model(opts.model, opts.num_layers, opts.seed)
+        loaded = load_model(opts.model, opts.num_layers, opts.seed, opts.component)
     with timer("prepare"):
         recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target, opts.progress)
     return ExportSource(loaded, recipe, plans, None, loaded, allocation)
@@ -69,7 +69,7 @@ def fp_original(q: dict, seed: int) -> Optional[LoadedModel]:
     """The FP model a checkpoint was made from, when it can still be loaded (else None)."""
     src = q.get("source") or {}
     try:
-        return load_model(src.get("model"), src.get("num_layers"), seed) if "model" in src else None
+        return load_model(src.get("model"), src.get("num_layers"), seed, src.get("component")) if "model" in src else None
     except UserError:
         return None
 

@@ -88,7 +88,7 @@ def float16_graph(final, loaded: LoadedModel, opts: Options, batches, final_outp
     import torch
     from graphs.check import check_model
     from graphs.float16 import to_float16
-    half = to_float16(final)
+    half = to_float16(final, keep=tuple(loaded.float32_regions))
     violations = check_model(half, opts.target)
     if violations:
         v = violations[0]
@@ -132,6 +132,8 @@ def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer
         with timer("validate"):
             final, validation["fp16"] = float16_graph(final, loaded, opts, batches, final_outputs,
                                                       validation["layers"], validation["end_to_end"]["bound"])
+            from graphs.float16 import float32_nodes
+            graph_report["float32_regions"] = {"model": dict(loaded.float32_regions), "ops": float32_nodes(final)}
     with timer("export"):
         save_onnx(final, stage / "model.onnx")
     session = ort_session(str(stage / "model.onnx"))

@@ -51,6 +51,11 @@ def _reference(record: LayerRecord, bias: Optional[torch.Tensor], x: torch.Tenso
 class LoraqLinear(nn.Module):
     """A quantized Linear: computes, from its record, exactly what the exported QDQ graph computes."""
 
+    # No float weight: the record holds the layer. Models that read a Linear's weight to pick a
+    # dtype (transformers' T5DenseGatedActDense casts its input to ``wo.weight.dtype`` when that is
+    # a tensor) see None and leave the input as it is.
+    weight = None
+
     def __init__(self, record: LayerRecord, bias: Optional[torch.Tensor], name: str):
         super().__init__()
         self.record = record

@@ -14,17 +14,26 @@ __all__ = ["LoadedModel", "load_model", "describe_sources"]
 
 def describe_sources() -> str:
     from loraq_export.models.diffusion import preset_names
-    return f"'minilm' (default), presets {', '.join(preset_names())}, or a local diffusers/transformers folder"
+    from loraq_export.models.text_encoder_presets import TEXT_ENCODER_PRESETS
+    return (f"'minilm' (default), presets {', '.join(preset_names() + sorted(TEXT_ENCODER_PRESETS))}, "
+            "or a local diffusers/transformers folder")
 
 
-def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, seed: int = 0) -> LoadedModel:
-    """Resolve what the user named: None/'minilm', a preset name, or a local folder."""
-    from loraq_export.models import diffusion, diffusion_folders, minilm
+def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, seed: int = 0,
+               component: Optional[str] = None) -> LoadedModel:
+    """Resolve what the user named: None/'minilm', a preset name, or a local folder; ``component``
+    (transformer, text_encoder) picks one model of a pipeline (pipeline_components.py)."""
+    from loraq_export.models import diffusion, diffusion_folders, minilm, pipeline_components
 
+    if component is not None:
+        return pipeline_components.load_component(model, component, num_layers, seed)
     if model is None or model.lower() in minilm.ALIASES:
         if num_layers is not None:
-            raise UserError("--num-layers applies to the diffusion presets only")
+            raise UserError("--num-layers applies to the presets only")
         return minilm.load_minilm()
+    from loraq_export.models.text_encoder_presets import TEXT_ENCODER_PRESETS
+    if model in TEXT_ENCODER_PRESETS:
+        return pipeline_components.text_encoder_preset_model(model, num_layers, seed)
     if model in diffusion.PRESETS:
         if num_layers is not None and num_layers < 1:
             raise UserError(f"--num-layers must be at least 1, got {num_layers}")
@@ -38,7 +47,7 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
     readable(path, "model path", f"pass {describe_sources()}")  # permissions, dangling links
     refuse_checkpoint_as_model(path)
     if num_layers is not None:
-        raise UserError("--num-layers applies to the diffusion presets only, not to a folder")
+        raise UserError("--num-layers applies to the presets only, not to a folder")
     config = path / "config.json"
     if path.is_dir() and config.is_file() and not (path / "model_index.json").exists():
         readable(config, "config file", "re-save the model")
@@ -47,6 +56,9 @@ def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, se
         except (OSError, ValueError) as e:
             raise UserError(f"{config} is not readable JSON ({e}); re-save the model") from None
         if isinstance(cfg, dict) and "_class_name" not in cfg and "model_type" in cfg:
+            from loraq_export.models.text_encoders import MODEL_TYPES, load_text_encoder_folder
+            if cfg["model_type"] in MODEL_TYPES:
+                return load_text_encoder_folder(path, cfg["model_type"])
             return minilm.load_bert(path, path.name)
     module, source = diffusion_folders.load_diffusers_folder(path)
     return diffusion.make_diffusion_model(module, path.name, source)

@@ -36,3 +36,6 @@ class LoadedModel:
     select: Callable[[str, nn.Linear], tuple[bool, str]]
     source: dict = field(default_factory=dict)  # provenance for the report (path, preset, class, seed)
     synthetic_batches: Optional[Callable[[int], list]] = None
+    # node-name regular expression -> why: what a float16 graph keeps in float32 because the model
+    # itself computes it in float32 (graphs/float16.py; T5's wo projections)
+    float32_regions: dict = field(default_factory=dict)

@@ -49,14 +49,21 @@ def synthetic_token_batches(tokenizer, sequences: int = 512, batch: int = 32, se
         if ends and float(torch.rand(1, generator=g)) < ENDED:
             words[-1] = ends[int(torch.multinomial(end_probs, 1, generator=g))]
         seqs.append(torch.cat([torch.tensor([tokenizer.cls_token_id]), words, torch.tensor([tokenizer.sep_token_id])]))
+    return padded_batches(seqs, tokenizer.pad_token_id, batch, token_type_ids=True)
+
+
+def padded_batches(seqs: list[torch.Tensor], pad_id: int, batch: int, token_type_ids: bool = False,
+                   ) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Right-padded batches of ``seqs``: ((input_ids, attention_mask[, token_type_ids]), token mask)."""
     out = []
-    for i in range(0, sequences, batch):
+    for i in range(0, len(seqs), batch):
         chunk = seqs[i:i + batch]
         width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, s in enumerate(chunk):
             ids[j, :len(s)] = s
             mask[j, :len(s)] = 1
-        out.append(((ids, mask, torch.zeros_like(ids)), mask.reshape(-1).bool()))
+        inputs = (ids, mask, torch.zeros_like(ids)) if token_type_ids else (ids, mask)
+        out.append((inputs, mask.reshape(-1).bool()))
     return out

@@ -55,8 +55,9 @@ def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
     for name in sorted(records):
         tensors.update(record_tensors(name, records[name]))
         replaced.add(f"{name}.weight")  # the layer's float weight is replaced by its codes
+    aliases = tied_aliases(loaded.module.state_dict())
     for key, value in loaded.module.state_dict().items():
-        if key not in replaced:
+        if key not in replaced and key not in aliases:
             tensors[key] = value.detach().contiguous()
     meta_json = json.dumps(qconfig, sort_keys=True)
     # One metadata key only: safetensors writes its metadata map in hash order, which differs
@@ -66,10 +67,28 @@ def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
     config["quantization_config"] = qconfig
     (stage / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     src = loaded.source.get("path")
-    if loaded.kind == "bert" and src:
+    from loraq_export.models.text_encoders import SUPPORTED as TEXT_ENCODERS
+    if type(loaded.module).__name__ in TEXT_ENCODERS:
+        if loaded.source.get("tokenizer") is not None:  # a pipeline's tokenizer/ is not beside the model
+            loaded.source["tokenizer"].save_pretrained(str(stage))
+    elif loaded.kind == "bert" and src:
         for f in TOKENIZER_FILES:
             if (Path(src) / f).is_file():
                 shutil.copyfile(Path(src) / f, stage / f)
+
+
+def tied_aliases(state: dict) -> dict[str, str]:
+    """Keys whose tensor is another key's (tied weights: T5's ``encoder.embed_tokens`` is its
+    ``shared``) -> that first key. Stored once; the model ties them again when it is built."""
+    first: dict = {}
+    out = {}
+    for key, t in state.items():
+        ptr = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        if ptr is not None and ptr in first:
+            out[key] = first[ptr]
+        elif ptr is not None:
+            first[ptr] = key
+    return out
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -131,6 +150,9 @@ def _build_module(config: dict, path: Path):
             raise UserError(f"checkpoint {path} holds unsupported class {cls_name!r}; supported are {', '.join(SUPPORTED)}")
         cls = diffusers_class(cls_name)
         return cls.from_config(cfg)
+    from loraq_export.models.text_encoders import MODEL_TYPES, build_from_config
+    if cfg.get("model_type") in MODEL_TYPES:  # T5EncoderModel, not AutoModel's encoder-decoder T5Model
+        return build_from_config(MODEL_TYPES[cfg["model_type"]], cfg, random=False)
     if "model_type" in cfg:
         from transformers import AutoConfig, AutoModel
         mcfg = AutoConfig.for_model(**cfg)
@@ -164,7 +186,7 @@ def load_checkpoint(path: Path):
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path}: quantization_config disagrees with its tensors ({e}); re-run loraq quantize") from None
     own = {k: v for k, v in tensors.items() if k in module.state_dict()}
-    expected = set(module.state_dict()) - replaced
+    expected = set(module.state_dict()) - replaced - set(tied_aliases(module.state_dict()))
     missing = sorted(expected - set(own))
     if missing:
         raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {missing[0]}); "
@@ -191,6 +213,9 @@ def _wrap(module, path: Path, config: dict):
     if "_class_name" in config:
         from loraq_export.models.diffusion import make_diffusion_model
         return make_diffusion_model(module, path.name, {"checkpoint": str(path)})
+    from loraq_export.models.text_encoders import MODEL_TYPES, make_text_encoder_model, tokenizer_if_any
+    if config.get("model_type") in MODEL_TYPES:
+        return make_text_encoder_model(module, tokenizer_if_any(path), path.name, {"checkpoint": str(path)})
     from loraq_export.models.minilm import wrap_bert
     return wrap_bert(module, path, path.name)
 
