@@ -30,6 +30,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None, metavar="BITS",
                    help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
                         "group size, branch rank and format under it (written to OUT/allocation.yaml)")
+    from loraq_export.commands.lora import add_lora_arguments
+    add_lora_arguments(p, slot=p.prog.endswith("export"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +100,8 @@ def _options(args, default_out: str):
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
                    quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
                    fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False),
-                   budget=args.budget, dtype=getattr(args, "dtype", None))
+                   budget=args.budget, dtype=getattr(args, "dtype", None), lora=args.lora, lora_scale=args.lora_scale,
+                   lora_format=args.lora_format, lora_slot=getattr(args, "lora_slot", None))
 
 
 def cmd_export(args) -> int:
