@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     from loraq_export.commands.engine import add_engine_parser
     add_engine_parser(sub)
+    from loraq_export.commands.lora import add_lora_parser; add_lora_parser(sub)  # noqa: E702
     return parser
 
 

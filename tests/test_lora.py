@@ -210,3 +210,52 @@ def test_quantize_with_lora_keeps_it_in_the_checkpoint(folders, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert exp["validation"]["end_to_end"]["quant_rel_l2_vs_fp"] == pytest.approx(
         direct["validation"]["end_to_end"]["quant_rel_l2_vs_fp"], rel=1e-6)
+
+
+def test_slots_lora_set_and_a_live_session(folders, tmp_path, capsys):
+    from loraq_export.runtime.lora_session import LoraSession
+    folder = folders["pixart"]
+    fp = load_model(str(folder))
+    f8 = lora_factors(fp.module, rank=8, seed=8, strength=0.1)
+    f4 = lora_factors(fp.module, rank=4, seed=9, strength=0.1, suffixes=("attn1.to_q", "ff.net.2"))
+    l8, l4 = save_peft(tmp_path / "l8.safetensors", f8), save_peft(tmp_path / "l4.safetensors", f4, alpha=8)
+    l32 = save_peft(tmp_path / "l32.safetensors", lora_factors(fp.module, rank=32, seed=10, strength=0.1))
+    rep = _export(folder, tmp_path / "slot", lora_slot=16)
+    assert rep["lora"]["slot"]["rank"] == 16
+    _export(folder, tmp_path / "plain")
+    _export(folder, tmp_path / "merged", lora=[str(l8)], lora_scale=[0.9])
+    slot_onnx = tmp_path / "slot" / "model.onnx"
+    plain = _ort_outputs(tmp_path / "plain" / "model.onnx", fp)
+    assert all(np.array_equal(a, b) for a, b in zip(_ort_outputs(slot_onnx, fp), plain))  # empty slot = plain
+    # lora set: what a fresh export with the merged adapter gives
+    assert main(["lora", "set", str(slot_onnx), str(l8), "--scale", "0.9", "--out", str(tmp_path / "set.onnx")]) == 0
+    assert "filled" in capsys.readouterr().out
+    set_out = _ort_outputs(tmp_path / "set.onnx", fp)
+    merged = _ort_outputs(tmp_path / "merged" / "model.onnx", fp)
+    assert _rel(set_out, merged) < 1e-5
+    fp_plain = _fp_outputs(fp)
+    merge_in_float(fp.module, f8, 0.9)
+    assert _rel(set_out, _fp_outputs(fp)) <= 1.25 * _rel(plain, fp_plain)
+    # a higher rank than the slot's is refused: one line, exit 2, nothing written
+    assert main(["lora", "set", str(slot_onnx), str(l32), "--out", str(tmp_path / "no.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank 32 exceeds the slot's rank 16" in err[0] and not (tmp_path / "no.onnx").exists()
+    assert main(["lora", "set", str(tmp_path / "plain" / "model.onnx"), str(l8), "--out", str(tmp_path / "no.onnx")]) == 2
+    assert "has no LoRA slots" in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()
+    # two adapters (ranks 8 + 4 = 12 <= 16) in a live session, switched without a new session
+    assert main(["lora", "set", str(slot_onnx), str(l8), str(l4), "--scale", "0.9", "--scale", "-0.5",
+                 "--out", str(tmp_path / "two.onnx")]) == 0
+    two = _ort_outputs(tmp_path / "two.onnx", fp)
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as _ort_outputs' sessions
+    sess = LoraSession(slot_onnx, so)
+    feeds = [{n: t.numpy() for n, t in zip(fp.input_names, fp.make_inputs(seed=sd, batch=2))} for sd in (7, 8)]
+    run = lambda: [sess.run(None, f)[0] for f in feeds]  # noqa: E731
+    sess.set_lora(l8, 0.9)
+    assert _rel(run(), set_out) < 1e-6
+    sess.set_lora([l8, l4], [0.9, -0.5])
+    assert _rel(run(), two) < 1e-6
+    sess.clear()
+    assert all(np.array_equal(a, b) for a, b in zip(run(), plain))

@@ -78,3 +78,49 @@ def checkpoint_adapters(q: dict, fp) -> list:
         return read_adapters([a["file"] for a in listed], [a["scale"] for a in listed], fp.module, fp.name)
     except UserError:
         return []
+
+
+def add_lora_parser(sub) -> None:
+    """``loraq lora set MODEL.onnx FILE [--scale S] --out NEW.onnx``."""
+    lo = sub.add_parser("lora", help="LoRA adapters in an exported graph's slots (loraq export --lora-slot RANK)")
+    ls = lo.add_subparsers(dest="lora_command", required=True, parser_class=type(lo))
+    s = ls.add_parser("set", help="write LoRA adapters into the slots of a graph, as a new ONNX file (no re-export)")
+    s.add_argument("onnx_file", type=Path, help="a model.onnx exported with --lora-slot RANK")
+    s.add_argument("lora_files", type=Path, nargs="+", metavar="FILE",
+                   help="LoRA adapter file(s); several concatenate along the rank (their ranks add up)")
+    s.add_argument("--scale", type=float, action="append", default=None, metavar="S",
+                   help="scale of each FILE, in order (default 1)")
+    s.add_argument("--out", type=Path, required=True, help="the new ONNX file")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=cmd_lora_set)
+
+
+def cmd_lora_set(args) -> int:
+    import time
+    from graphs.lora_slots import fill_slots
+    from loraq_export.commands.engine import _onnx
+    from loraq_export.runtime.lora_session import graph_slots, slot_values
+    from loraq_export.store.outputs import write_bytes_atomic
+    t0 = time.perf_counter()
+    out = args.out
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"folder {out.resolve().parent} does not exist; create it or choose another --out")
+    if out.resolve() == args.onnx_file.resolve():
+        raise UserError("--out must differ from the input graph; write a new file")
+    model = _onnx(args.onnx_file)  # a readable ONNX model (external data not loaded), else one line
+    from onnx import TensorProto
+    if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise UserError(f"{args.onnx_file} keeps its weights in an external data file, which lora set does not "
+                        "rewrite yet; use the Python LoraSession instead")
+    slots = graph_slots(model, args.onnx_file)
+    values, adapters = slot_values(slots, args.lora_files, args.scale, str(args.onnx_file))
+    fill_slots(model, values)
+    write_bytes_atomic(out, model.SerializeToString())
+    touched = sorted({n for a in adapters for n in a.layers})
+    rank = next(iter(slots.values()))[2]
+    print(f"loraq: {len(touched)} of {len(slots)} slots (rank {rank}) filled from "
+          + ", ".join(f"{Path(a.path).name} x{a.scale:g} (r{'/'.join(map(str, a.ranks))})" for a in adapters)
+          + f" -> {out} in {time.perf_counter() - t0:.2f} s")
+    return 0
