@@ -259,3 +259,64 @@ def test_slots_lora_set_and_a_live_session(folders, tmp_path, capsys):
     assert _rel(run(), two) < 1e-6
     sess.clear()
     assert all(np.array_equal(a, b) for a, b in zip(run(), plain))
+
+
+@pytest.mark.parametrize("cmd", [["engine", "build", "{m}", "--refittable", "--shapes", "tokens=1:16:64"],
+                                 ["engine", "refit", "{p}", "{l}"]])
+def test_tensorrt_refit_without_tensorrt_one_line_exit_2(tmp_path, capsys, monkeypatch, cmd):
+    import sys
+    import onnx
+    from graphs.synthetic import fp32_chain
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError, as where it is absent
+    onnx.save(fp32_chain([64, 32]), tmp_path / "m.onnx")
+    (tmp_path / "m.plan").write_bytes(b"plan")
+    (tmp_path / "l.safetensors").write_bytes(b"x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([a.format(m=tmp_path / "m.onnx", p=tmp_path / "m.plan", l=tmp_path / "l.safetensors") for a in cmd])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "TensorRT is missing" in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_refit_hands_tensorrt_the_slot_initializers(monkeypatch):
+    """The Refitter gets every slot initializer by its ONNX name, as fp16 of the slot's shape
+    (a stand-in for tensorrt records the calls: TensorRT itself needs a GPU)."""
+    import sys
+    import types
+    from graphs.lora_slots import slot_values
+    from loraq_export.engine.trt import refit_engine_bytes
+    calls = {}
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            pass
+
+        def set_named_weights(self, name, w):
+            calls[name] = w.arr
+            return True
+
+        def get_missing_weights(self):
+            return []
+
+        def refit_cuda_engine(self):
+            return True
+
+    class Engine:
+        refittable = True
+
+        def serialize(self):
+            return b"refitted"
+
+    trt = types.SimpleNamespace(Logger=type("L", (), {"WARNING": 0, "__init__": lambda self, *_: None}),
+                                Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda b: Engine()),
+                                Refitter=Refitter, Weights=lambda a: types.SimpleNamespace(arr=a))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "polygraphy", types.ModuleType("polygraphy"))
+    slots = {"a.b": [8, 4, 2], "c": [4, 6, 2]}
+    d, u = np.ones((8, 1), np.float32), np.full((1, 4), 0.5, np.float32)
+    values = slot_values(slots, {"a.b": (d, u)})
+    assert refit_engine_bytes(b"plan", values, "e.plan") == b"refitted"
+    assert sorted(calls) == ["a.b.lora_down", "a.b.lora_up", "c.lora_down", "c.lora_up"]
+    assert calls["a.b.lora_down"].dtype == np.float16 and calls["a.b.lora_down"].shape == (8, 2)
+    assert np.array_equal(calls["a.b.lora_down"][:, 0], np.ones(8)) and not calls["a.b.lora_down"][:, 1].any()
+    assert not calls["c.lora_up"].any()
