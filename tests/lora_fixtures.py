@@ -22,7 +22,7 @@ def lora_factors(module: nn.Module, rank: int = 8, seed: int = 0, suffixes=ATTN_
         if isinstance(m, nn.Linear) and (name.endswith(suffixes) or name in extra):
             a = torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5
             b = torch.randn(m.out_features, rank, generator=gen)
-            b *= strength * m.weight.norm() / (b @ a).norm()
+            b *= strength * m.weight.detach().norm() / (b @ a).norm()
             out[name] = (a, b)
     return out
 

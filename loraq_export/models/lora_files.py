@@ -32,6 +32,9 @@ from loraq_export.inputs import check_finite, readable
 PEFT_PREFIXES = ("transformer.", "base_model.model.", "model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 KOHYA_TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.")
+# diffusers' key for the LoraConfig JSON in a LoRA file's safetensors metadata (diffusers
+# loaders/lora_base.py LORA_ADAPTER_METADATA_KEY; spelled out: importing diffusers' loaders takes seconds)
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
@@ -94,7 +97,6 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 def _lora_config(path: Path, meta: dict) -> tuple[dict, str]:
     """The adapter's LoraConfig fields (lora_alpha, rank_pattern, ...) and where they came from."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     raw = meta.get(LORA_ADAPTER_METADATA_KEY)
     if raw:
         try:
