@@ -14,8 +14,6 @@ activations, or the layer's own branch format; docs/lora.md gives the measuremen
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
-
 import torch
 
 from calibless.formats import BranchFormat, WeightFormat
@@ -63,25 +61,9 @@ def widen(record: LayerRecord, down: torch.Tensor, up: torch.Tensor, fmt: Branch
     return replace(record, adapter=Branch.from_float(down, up, fmt))
 
 
-def without_adapter(record: LayerRecord) -> LayerRecord:
-    return replace(record, adapter=None)
-
-
 def empty_slot(record: LayerRecord, rank: int) -> LayerRecord:
     """``record`` with an all-zero fp16 adapter of ``rank`` (a run-time slot): computes exactly
     what ``record`` computes, since the term adds +0 after everything else."""
     k, n = record.in_features, record.out_features
     return replace(record, adapter=Branch(torch.zeros(k, rank, dtype=torch.float16),
                                           torch.zeros(rank, n, dtype=torch.float16), FP16))
-
-
-def pad_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) zero-padded along the rank to ``rank``: the product is unchanged."""
-    r = down.shape[1]
-    if r > rank:
-        raise ValueError(f"rank {r} exceeds the slot's rank {rank}")
-    return (torch.nn.functional.pad(down, (0, rank - r)), torch.nn.functional.pad(up, (0, 0, 0, rank - r)))
-
-
-def adapter_rank(record: LayerRecord) -> Optional[int]:
-    return None if record.adapter is None else record.adapter.rank

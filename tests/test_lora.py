@@ -320,3 +320,26 @@ def test_refit_hands_tensorrt_the_slot_initializers(monkeypatch):
     assert calls["a.b.lora_down"].dtype == np.float16 and calls["a.b.lora_down"].shape == (8, 2)
     assert np.array_equal(calls["a.b.lora_down"][:, 0], np.ones(8)) and not calls["a.b.lora_down"][:, 1].any()
     assert not calls["c.lora_up"].any()
+
+
+def test_load_lora_on_a_quantize_d_module_adds_exactly_the_adapter_term(tmp_path):
+    from loraq_export import load_lora, quantize_, unload_lora
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    quantize_(model, "w4a16-g32-r8-w8a8")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        h0 = model[0](x)
+        base = model(x)
+    a, b = torch.randn(4, 64) / 8, torch.randn(128, 4) / 2
+    lora = save_peft(tmp_path / "l.safetensors", {"0": (a, b)}, prefix="base_model.model.", alpha=8)
+    rep = load_lora(model, lora, scale=0.5)
+    assert list(rep["quantized_layers"]) == ["0"] and rep["quantized_layers"]["0"]["rank"] == 4
+    with torch.no_grad():
+        h1 = model[0](x)
+        up = (0.5 * 8 / 4 * b.T).half().float()
+        want = h0 + (x @ a.T.half().float()) @ up
+    assert torch.allclose(h1, want, rtol=0, atol=1e-5)
+    unload_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), base)

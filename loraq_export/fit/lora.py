@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from calibless.adapters import adapter_format, lora_delta, lora_factors, widen, without_adapter
+from calibless.adapters import adapter_format, lora_delta, lora_factors, widen
 from loraq_export.errors import UserError
 from loraq_export.models.lora_files import LoraAdapter, model_linears, read_lora
 
@@ -135,7 +135,3 @@ def unload_lora(model: nn.Module) -> None:
 def loaded_adapters(model: nn.Module) -> list[dict]:
     """What ``load_lora`` has applied to ``model`` (file, scale, layout, alpha, ranks, layers)."""
     return list(model.__dict__.get(_STATE, {}).get("adapters", []))
-
-
-def strip_adapters(records: dict) -> dict:
-    return {n: without_adapter(r) for n, r in records.items()}
