@@ -29,7 +29,8 @@ def run_export(opts: Options, echo=print) -> dict:
     loaded, fp, records = src.loaded, src.fp, src.records
     adapters = read_user_adapters(opts, loaded)
     # the FP reference carries every adapter merged in float: the checkpoint's own, then --lora's
-    fp_adapters = checkpoint_adapters(src.qconfig, fp) + ([] if fp is None else read_user_adapters(opts, fp))
+    ckpt_adapters = checkpoint_adapters(src.qconfig, fp)
+    fp_adapters = ckpt_adapters + (adapters if fp is loaded else [] if fp is None else read_user_adapters(opts, fp))
     with staged_dir(opts.out, opts.overwrite) as stage:
         batches = validation_batches(loaded, opts.seed)
         fp_outputs = fp_quality = fp_latents = None
@@ -54,7 +55,7 @@ def run_export(opts: Options, echo=print) -> dict:
                                      workers=opts.workers, progress=opts.progress)
         records, lora_report = join_adapters(opts, loaded, records, adapters)
         if src.qconfig and src.qconfig.get("lora"):
-            lora_report["checkpoint"] = {**src.qconfig["lora"], "in_fp_reference": bool(fp_adapters)}
+            lora_report["checkpoint"] = {**src.qconfig["lora"], "in_fp_reference": bool(ckpt_adapters)}
         sampling = None
         with quantized(loaded.module, records):
             validation, graph_report, session = build_deployable_onnx(loaded, stage, opts, timer, (batches, fp_outputs))
