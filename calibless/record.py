@@ -86,6 +86,13 @@ class Branch:
         return sum(f.stored_bits() if isinstance(f, QTensor) else f.numel() * 16 for f in (self.down, self.up))
 
 
+def low_rank_term(x: torch.Tensor, b: Branch) -> torch.Tensor:
+    """Qm(Qi(x) @ A) @ B: a branch (or adapter) term as the QDQ graph computes it."""
+    xb = fake_quant_act(x, b.fmt.act)
+    h = fake_quant_act(xb @ b.down_weight(), b.fmt.act)
+    return h @ b.up_weight()
+
+
 def down_format(fmt: BranchFormat, k: int) -> WeightFormat:
     """A is blocked like the main weight when the block divides in_features, else per channel."""
     w = fmt.weight
@@ -105,7 +112,9 @@ class LayerRecord:
     Math: x' = x P H (when rotated online; a folded rotation arrives already applied);
     y = Qa(x') @ deq(W) + Qb2(Qb1(x') @ A) @ B + bias + bias_shift, with W, A, B fitted on the
     rotated weight; ``bias_shift`` (methods with input statistics) cancels the output error's
-    mean: the exported graph adds it to the layer's bias.
+    mean: the exported graph adds it to the layer's bias. ``adapter`` (LoRA adapters, see
+    calibless/adapters.py) is one more low-rank term computed like the branch and added last,
+    after the bias, so that an all-zero adapter leaves every other sum bit-identical.
     """
 
     weight: QTensor  # (in, out), in the rotated basis when ``rotation`` is set
@@ -115,6 +124,7 @@ class LayerRecord:
     method: str = ""
     stats: dict = field(default_factory=dict)
     bias_shift: Optional[torch.Tensor] = None  # float32 (out,)
+    adapter: Optional[Branch] = None  # LoRA adapters, concatenated along the rank, in the record's basis
 
     @property
     def in_features(self) -> int:
@@ -128,8 +138,9 @@ class LayerRecord:
         """The (in, out) matrix the layer applies to its unrotated input when activations are not
         quantized (comparable with the FP weight)."""
         w = self.weight.dequantize()
-        if self.branch is not None:
-            w = w + self.branch.down_weight() @ self.branch.up_weight()
+        for b in (self.branch, self.adapter):
+            if b is not None:
+                w = w + b.down_weight() @ b.up_weight()
         if self.rotation is None or self.rotation.folded:
             return w
         return self.rotation.unrotate_weight(w)
@@ -141,13 +152,12 @@ class LayerRecord:
         xm = fake_quant_act(x, self.fmt.act)
         y = xm @ self.weight.dequantize()
         if self.branch is not None:
-            b = self.branch
-            xb = fake_quant_act(x, b.fmt.act)
-            h = fake_quant_act(xb @ b.down_weight(), b.fmt.act)
-            y = y + h @ b.up_weight()
+            y = y + low_rank_term(x, self.branch)
         bias = self.shifted_bias(bias)
         if bias is not None:
             y = y + bias
+        if self.adapter is not None:
+            y = y + low_rank_term(x, self.adapter)
         return y
 
     def shifted_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

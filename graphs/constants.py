@@ -34,3 +34,6 @@ MAIN_WEIGHT_SUFFIX = ".weight_q"
 
 # TensorRT's static activation scales: batches of example inputs in the data-free calibration.
 CALIBRATION_BATCHES = 4
+
+# LoRA adapter-slot initializers (graphs/qdq.py, graphs/lora_slots.py): '<layer>.lora_down', '<layer>.lora_up'
+LORA_SLOT_SUFFIXES = (".lora_down", ".lora_up")

@@ -7,6 +7,13 @@ The FP graph comes from torch.onnx with one placeholder node ``loraq::LayerPlace
     y  = DQ(Q(x')) @ DQ(W_int4; axis 0, block)        main path: INT4 block weight DQ feeds MatMul
        + DQ(Q(DQ(Q(x')) @ DQ(A))) @ DQ(B)             quantized low-rank branch
        + bias
+       + Qm(Qi(x') @ L_down) @ L_up                     LoRA adapter term (optional), added last
+
+An adapter term whose factors are float16 constants with float activations is a run-time slot:
+its initializers are named ``<layer>.lora_down`` (K, r) and ``<layer>.lora_up`` (r, N), and the
+model's metadata ``loraq.lora_slots`` (JSON: layer -> [K, N, r]) lists them, so ``loraq lora set``,
+an ONNX Runtime session (initializer overrides) or a TensorRT refitter can replace their values
+(docs/lora.md). Added after the bias, a zero adapter adds +0 and leaves every other value as is.
 
 Dynamic activation scales are computed in the graph (Abs, ReduceMax over the last axis, Div by
 qmax, Max with a floor) and applied by a blocked QuantizeLinear whose block spans the last axis:
@@ -17,6 +24,7 @@ so checks and legalizers never take it for a quantized GEMM. One H_B constant se
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -55,6 +63,18 @@ class LayerSpec:
     branch_mid: Optional[ActQuant] = None
     rotation: Optional[int] = None  # online Hadamard block; None: no online rotation
     rotation_perm: Optional[np.ndarray] = None  # int32 channel gather applied before it
+    adapter_down: Optional[Union[QuantizedWeight, np.ndarray]] = None  # LoRA adapter term (K, r)
+    adapter_up: Optional[Union[QuantizedWeight, np.ndarray]] = None  # (r, N), the scales folded in
+    adapter_in: Optional[ActQuant] = None
+    adapter_mid: Optional[ActQuant] = None
+
+    @property
+    def adapter_slot(self) -> Optional[list[int]]:
+        """[K, N, r] when the adapter term is a swappable slot (float16 factors, float activations)."""
+        a = self.adapter_down
+        if a is None or isinstance(a, QuantizedWeight) or self.adapter_in is not None or self.adapter_mid is not None:
+            return None
+        return [int(a.shape[0]), int(self.adapter_up.shape[1]), int(a.shape[1])]
 
 
 class _Writer:
@@ -147,13 +167,20 @@ def write_layer(graph: gs.Graph, layer: str, q: LayerSpec, x: gs.Variable, y: gs
         x = w.rotate(x, q.rotation, q.rotation_perm)
     out = w.node("MatMul", [w.act(x, q.act, k), w.weight("weight", q.weight)])
     if q.down is not None:
-        rank = q.down.codes.shape[1] if isinstance(q.down, QuantizedWeight) else q.down.shape[1]
-        h = w.node("MatMul", [w.act(x, q.branch_in, k), w.factor("down", q.down)])
-        up = w.node("MatMul", [w.act(h, q.branch_mid, rank), w.factor("up", q.up)])
-        out = w.node("Add", [out, up])
+        out = w.node("Add", [out, _low_rank(w, x, k, q.down, q.up, q.branch_in, q.branch_mid, "down", "up")])
     if q.bias is not None:
         out = w.node("Add", [out, w.const("bias", q.bias.astype(np.float32))])
+    if q.adapter_down is not None:
+        out = w.node("Add", [out, _low_rank(w, x, k, q.adapter_down, q.adapter_up, q.adapter_in, q.adapter_mid,
+                                            "lora_down", "lora_up")])
     w.node("Identity", [out], outputs=[y])
+
+
+def _low_rank(w: _Writer, x: gs.Variable, k: int, down, up, act_in, act_mid, down_name: str, up_name: str) -> gs.Variable:
+    """Qm(Qi(x) @ down) @ up: the branch, or the adapter term."""
+    rank = down.codes.shape[1] if isinstance(down, QuantizedWeight) else down.shape[1]
+    h = w.node("MatMul", [w.act(x, act_in, k), w.factor(down_name, down)])
+    return w.node("MatMul", [w.act(h, act_mid, rank), w.factor(up_name, up)])
 
 
 def placeholder_layer(value) -> str:
@@ -194,4 +221,26 @@ def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.Mode
     del out.opset_import[:]
     out.opset_import.extend([onnx.helper.make_opsetid("", OPSET)])
     out.ir_version = model.ir_version
+    slots = {name: q.adapter_slot for name, q in sorted(layers.items()) if q.adapter_slot is not None}
+    if slots:
+        set_metadata(out, LORA_SLOTS_KEY, json.dumps(slots, sort_keys=True))
     return out
+
+
+LORA_SLOTS_KEY = "loraq.lora_slots"
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def lora_slots(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """layer -> [K, N, r] of the graph's adapter slots (empty when it has none)."""
+    for p in model.metadata_props:
+        if p.key == LORA_SLOTS_KEY:
+            return json.loads(p.value)
+    return {}

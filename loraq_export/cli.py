@@ -57,6 +57,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="bits per weight over the quantized layers (as the report counts them): allocate each layer's "
                         "group size, branch rank and format under it (written to OUT/allocation.yaml); without "
                         "--recipe the default budget applies (see --recipe), with --recipe none")
+    from loraq_export.commands.lora import add_lora_arguments
+    add_lora_arguments(p, slot=p.prog.endswith("export"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from loraq_export.commands.engine import add_engine_parser
     add_engine_parser(sub)
     from loraq_export.commands.generate import add_generate_parser; add_generate_parser(sub)  # noqa: E702
+    from loraq_export.commands.lora import add_lora_parser; add_lora_parser(sub)  # noqa: E702
     return parser
 
 
@@ -126,7 +129,8 @@ def _options(args, default_out: str):
                    seed=args.seed, workers=args.workers, progress=not args.no_progress,
                    quality=not getattr(args, "no_quality", False), target=getattr(args, "target", "ort"),
                    fuse=not getattr(args, "no_fuse", False), convert=getattr(args, "convert", False),
-                   budget=args.budget, dtype=getattr(args, "dtype", None), component=args.component)
+                   budget=args.budget, dtype=getattr(args, "dtype", None), component=args.component, lora=args.lora,
+                   lora_scale=args.lora_scale, lora_format=args.lora_format, lora_slot=getattr(args, "lora_slot", None))
 
 
 def cmd_export(args) -> int:

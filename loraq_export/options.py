@@ -25,6 +25,10 @@ class Options:
     budget: Optional[float] = None  # bits per weight: allocate per-layer formats under it (fit/allocation.py)
     dtype: Optional[str] = None  # graph float type, fp16 or fp32; None: the target's default
     component: Optional[str] = None  # a pipeline's transformer, text_encoder, or all (models/pipeline_components.py)
+    lora: Optional[list] = None  # LoRA adapter files (commands/lora.py)
+    lora_scale: Optional[list] = None  # one scale per file, default 1
+    lora_format: str = "fp16"  # adapter factor storage: fp16, int8, branch
+    lora_slot: Optional[int] = None  # export: empty run-time adapter slots of this rank
 
 
 def graph_dtype(opts: Options) -> str:

@@ -131,5 +131,29 @@ def format_summary(report: dict, out: Path) -> str:
         pairs = dict(sm["vs_fp"]) or {"ONNX vs torch (quantized)": sm["onnx_vs_torch_quantized"]}
         lines.append(f"  {sm['steps']}-step {sm['scheduler']} sampling, latents vs FP: " + "; ".join(
             f"{k} PSNR {m['psnr_db']:.1f} dB, cosine {m['cosine']:.4f}" for k, m in pairs.items()))
+    lines += lora_lines(report)
     lines.append(f"  time: {t['total']:.1f} s (fit {t.get('fit', 0):.1f} s) -> {out}")
     return "\n".join(lines)
+
+
+def lora_lines(report: dict) -> list[str]:
+    lo = report.get("lora")
+    if not lo:
+        return []
+    lines = []
+    if "slot" in lo:
+        s = lo["slot"]
+        lines.append(f"  LoRA slots: rank {s['rank']} fp16 beside {s['layers']} quantized layers (fill with loraq lora set)")
+    ck = lo.get("checkpoint")
+    if ck:
+        lines.append(f"  LoRA from the checkpoint: {_adapter_names(ck['adapters'])}"
+                     + ("" if ck["in_fp_reference"] else " (files gone: the FP reference lacks them)"))
+    if lo.get("adapters"):
+        lines.append(f"  LoRA: {_adapter_names(lo['adapters'])}; {len(lo['quantized_layers'])} quantized layers gain a "
+                     f"{lo['storage_format']} adapter term ({lo['adapter_bytes'] / 2**10:.1f} KiB), "
+                     f"{len(lo['merged_in_float'])} merged in float")
+    return lines
+
+
+def _adapter_names(adapters: list) -> str:
+    return ", ".join(f"{Path(a['file']).name} x{a['scale']:g} (r{'/'.join(map(str, a['ranks']))})" for a in adapters)

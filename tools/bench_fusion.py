@@ -31,6 +31,7 @@ from docs_section import publish  # noqa: E402
 from graphs.nodes import quiet  # noqa: E402
 from graphs.passes import DEFAULT_PASSES, NO_FUSE_PASSES, apply_passes, run_passes, to_model  # noqa: E402
 from graphs.passes.fold_up import fold_up  # noqa: E402
+from graphs.lora_slots import overridable  # noqa: E402
 from graphs.runtime import ort_session  # noqa: E402
 from graphs.synthetic import chain_model, fp32_chain, layer_spec  # noqa: E402
 from graphs.targets import legalize  # noqa: E402
@@ -57,15 +58,22 @@ def build(args) -> dict:
     shapes = [PIXART[i % 3] for i in range(args.layers)]
     widths = [shapes[0][0]] + [n for _, n in shapes]
 
-    def chain(rank):
-        return chain_model([layer_spec(k, n, rank, branch=args.branch, block=args.group, seed=i)
-                            for i, (k, n) in enumerate(shapes)])
+    def chain(rank, slot=0):
+        specs = [layer_spec(k, n, rank, branch=args.branch, block=args.group, seed=i) for i, (k, n) in enumerate(shapes)]
+        for s in specs if slot else []:  # an empty LoRA slot, as export --lora-slot writes it
+            s.adapter_down = np.zeros((s.weight.k, slot), np.float16)
+            s.adapter_up = np.zeros((slot, s.weight.n), np.float16)
+        return chain_model(specs)
 
     models = {"FP32": fp32_chain(widths), "W4 main only": legalize(chain(0), "ort")}
     for r in args.ranks:
         plain = chain(r)
         models[f"W4 + r{r} branch, unfused"] = legalize(apply_passes(plain, NO_FUSE_PASSES), "ort")
         models[f"W4 + r{r} branch, fused"] = legalize(apply_passes(plain, DEFAULT_PASSES), "ort")
+        for slot in args.lora_slot or []:
+            with_slot = legalize(apply_passes(chain(r, slot), DEFAULT_PASSES), "ort")
+            models[f"W4 + r{r} branch, fused, + r{slot} LoRA slot"] = with_slot
+            models[f"W4 + r{r} branch, fused, + r{slot} LoRA slot, overridable (LoraSession)"] = overridable(with_slot)
         if args.forms:
             models[f"W4 + r{r} branch, fold_up on all layers"] = legalize(fold_up_everywhere(plain), "ort")
             for form, passes in FORMS.items():
@@ -141,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--forms", action="store_true", help="also time each fusion pass alone")
+    p.add_argument("--lora-slot", type=int, nargs="+", default=None, metavar="RANK",
+                   help="also time the fused graph with an empty LoRA slot of each rank (export --lora-slot), as a "
+                        "file and as a LoraSession graph (slots overridable, so ONNX Runtime does not fold them)")
     p.add_argument("--quiet-wait", type=float, default=2.0, help="before each round wait up to this many "
                    "seconds for the other processes on the machine to go idle (0: never wait)")
     p.add_argument("--spin", action="store_true", help="let ORT's intra-op threads spin (default off: on a "
@@ -159,6 +170,14 @@ def main(argv=None) -> int:
              f"{args.busy_rounds} round(s) started with other processes busy; {time.time() - t0:.0f} s", "",
              table(times, cpu), ""]
     x = np.random.default_rng(0).standard_normal((1, args.tokens, PIXART[0][0])).astype(np.float32)
+    for r in args.ranks:
+        for slot in args.lora_slot or []:
+            fused_t = np.asarray(times[f"W4 + r{r} branch, fused"])
+            for k in (f"W4 + r{r} branch, fused, + r{slot} LoRA slot",
+                      f"W4 + r{r} branch, fused, + r{slot} LoRA slot, overridable (LoraSession)"):
+                lines.append(f"{k} / W4 + r{r} branch, fused: paired median time ratio "
+                             f"{np.median(np.asarray(times[k]) / fused_t):.3f}, CPU time "
+                             f"{np.median(np.asarray(cpu[k]) / np.asarray(cpu[f'W4 + r{r} branch, fused'])):.3f}")
     for r in args.ranks:
         unfused, fused = models[f"W4 + r{r} branch, unfused"], models[f"W4 + r{r} branch, fused"]
         ref = session(unfused, args.threads, accuracy_level=0).run(None, {"x": x})[0]

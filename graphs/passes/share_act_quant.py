@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from graphs.constants import LORA_SLOT_SUFFIXES
 from graphs.passes import register_pass
 from graphs.nodes import const_key, detach, is_graph_output, replace_uses
 
@@ -31,6 +32,10 @@ def _freeze(v):
 
 def _input_key(t):
     if isinstance(t, gs.Constant):
+        # LoRA slot initializers are replaced by name after export (graphs/lora_slots.py): equal
+        # values now (all zeros in an empty slot) are not equal later, so they are never merged
+        if t.name.endswith(LORA_SLOT_SUFFIXES):
+            return ("slot", t.name)
         return const_key(t)
     return ("var", id(t))
 

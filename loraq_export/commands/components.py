@@ -18,6 +18,8 @@ def run_components(opts, run_one, echo=print) -> dict:
     with staged_dir(opts.out, opts.overwrite) as stage:
         for comp in comps:
             sub = replace(opts, component=comp, out=stage / comp, overwrite=False)
+            if comp != "transformer":  # pipelines' LoRA files (and slots) target the denoising transformer
+                sub = replace(sub, lora=None, lora_scale=None, lora_slot=None)
             reports[comp] = run_one(sub, echo=lambda s: echo(s.replace(str(stage), str(opts.out))))
         rows = [row_from_report(c, r) for c, r in reports.items()]
         note = None

@@ -4,6 +4,7 @@ against ONNX Runtime and timed, plus an ONNX Runtime latency bench that needs no
     loraq engine build model.onnx [--out model.plan] [--shapes DIM=MIN:OPT:MAX ...] [--dry-run]
     loraq engine compare model.onnx [model.plan] [--bound REL_L2]
     loraq engine bench model.onnx|model.plan [--baseline model_fp.onnx] [--backend ort|tensorrt]
+    loraq engine build model.onnx --refittable; loraq engine refit model.plan lora.safetensors [--scale S]
 
 Shapes and the trtexec lines: loraq_export/engine/shapes.py; TensorRT: loraq_export/engine/trt.py
 (imported lazily: without TensorRT, build / compare / bench --backend tensorrt exit 2 with one
@@ -41,7 +42,17 @@ def add_engine_parser(sub) -> None:
     b.add_argument("--timing-cache", type=Path, default=None, help="default: timing.cache beside the engine")
     b.add_argument("--overwrite", action="store_true", help="replace an existing engine file")
     b.add_argument("--dry-run", action="store_true", help="print the profile and trtexec line only (no TensorRT)")
+    b.add_argument("--refittable", action="store_true",
+                   help="build with REFIT, so that loraq engine refit can write LoRA adapters into its slots")
     b.set_defaults(func=cmd_build)
+    r = es.add_parser("refit", help="write LoRA adapters into a refittable engine's slots (export --lora-slot RANK)")
+    r.add_argument("engine", type=Path, help="an engine built with loraq engine build --refittable")
+    r.add_argument("lora_files", type=Path, nargs="+", metavar="FILE", help="LoRA adapter file(s)")
+    r.add_argument("--scale", type=float, action="append", default=None, metavar="S",
+                   help="scale of each FILE, in order (default 1)")
+    r.add_argument("--onnx", type=Path, default=None, help="the slot graph it was built from (default: ENGINE.onnx)")
+    r.add_argument("--out", type=Path, default=None, help="the refitted engine (default: replace ENGINE)")
+    r.set_defaults(func=cmd_refit)
     c = es.add_parser("compare", help="TensorRT vs ONNX Runtime on the same inputs; exit 0 pass, 1 fail")
     c.add_argument("onnx_file", type=Path)
     c.add_argument("engine", type=Path, nargs="?", default=None, help="a built engine (default: build one in memory)")
@@ -97,8 +108,28 @@ def cmd_build(args) -> int:
         raise UserError(f"{out} exists; pass --overwrite to replace it or --out to write elsewhere")
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist; create it or pass another --out")
-    write_bytes_atomic(out, build_engine_bytes(args.onnx_file, profile, cache))
+    write_bytes_atomic(out, build_engine_bytes(args.onnx_file, profile, cache, refittable=args.refittable))
     print(f"engine: {out} (timing cache {cache}); time it with: {trtexec_timing_command(out, profile)}")
+    return 0
+
+
+def cmd_refit(args) -> int:
+    """LoRA slot values (loraq_export/runtime/lora_session.py) into a refittable engine, atomically."""
+    import time
+    from loraq_export.engine.trt import refit_engine_bytes, require_tensorrt
+    from loraq_export.inputs import readable
+    from loraq_export.runtime.lora_session import graph_slots, slot_values
+    from loraq_export.store.outputs import write_bytes_atomic
+    require_tensorrt()  # before any output: without TensorRT, one line and nothing written
+    t0 = time.perf_counter()
+    plan = readable(args.engine, "engine", "pass the .plan written by loraq engine build --refittable")
+    src = args.onnx or plan.with_suffix(".onnx")
+    model = _onnx(src, "slot graph")
+    values, adapters = slot_values(graph_slots(model, src), args.lora_files, args.scale, str(src))
+    out = args.out or plan
+    write_bytes_atomic(out, refit_engine_bytes(plan.read_bytes(), values, str(plan)))
+    print(f"engine: {out} refitted with {', '.join(Path(a.path).name for a in adapters)} "
+          f"in {time.perf_counter() - t0:.2f} s")
     return 0
 
 

@@ -10,6 +10,7 @@ from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.allocation import write_allocation
 from loraq_export.fit.prepare import prepare_fit
 from loraq_export.fit.recipes import load_recipe, with_defaults
+from loraq_export.commands.lora import check_lora_options, join_adapters, read_user_adapters
 from loraq_export.commands.source import check_budget
 from loraq_export.models import load_model
 from loraq_export.report import ALLOCATION_FILE
@@ -53,6 +54,7 @@ def fit_checkpointable(opts, dist: Dist):
             problem = str(e)
     dist.broadcast_error(problem)
     loaded = load_model(opts.model, opts.num_layers, opts.seed, opts.component)
+    adapters = read_user_adapters(opts, loaded)  # a bad adapter fails before minutes of fitting
     times["load"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target,
@@ -71,24 +73,30 @@ def fit_checkpointable(opts, dist: Dist):
                          shard=(dist.rank, dist.world))
     times["fit"] = round(time.perf_counter() - t, 3)
     records = dist.gather_records(records)
-    return loaded, recipe, plans, records, times, partial, allocation
+    return loaded, recipe, plans, records, times, partial, allocation, adapters
 
 
 def run_quantize(opts, echo=print) -> dict:
     dist = Dist.from_env()
     try:
-        loaded, recipe, plans, records, times, partial, allocation = fit_checkpointable(opts, dist)
+        check_lora_options(opts)
+        loaded, recipe, plans, records, times, partial, allocation, adapters = fit_checkpointable(opts, dist)
         if not dist.is_main:
             return {}
+        records, lora_report = join_adapters(opts, loaded, records, adapters)
         skipped = {p.name: p.reason for p in plans if not p.quantize}
         t = time.perf_counter()
         with staged_dir(opts.out, opts.overwrite) as stage:
-            write_checkpoint(stage, loaded, records, quantization_config(recipe, opts.seed, records, skipped, fp_source(opts),
-                                                                     opts.target))
+            qconfig = quantization_config(recipe, opts.seed, records, skipped, fp_source(opts), opts.target)
+            if lora_report:
+                qconfig["lora"] = {k: lora_report[k] for k in ("adapters", "storage_format", "merged_in_float")}
+            write_checkpoint(stage, loaded, records, qconfig)
             times["write"] = round(time.perf_counter() - t, 3)
             report = build_report(loaded, recipe, plans, records, times, opts.seed, stage, allocation=allocation)
             if allocation is not None:
                 write_allocation(stage / ALLOCATION_FILE, recipe, allocation)
+            if lora_report:
+                report["lora"] = lora_report
             report["distributed"] = {"world_size": dist.world, "backend": "gloo" if dist.active else None}
             write_json_atomic(stage / "report.json", report)
         partial.remove()

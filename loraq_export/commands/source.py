@@ -26,6 +26,7 @@ class ExportSource:
     records: Optional[dict]  # fitted already (a checkpoint), else None
     fp: Optional[LoadedModel]  # the FP reference: the model itself before the swap, or a checkpoint's original
     allocation: Optional[dict] = None  # --budget: the allocation's summary (fit/allocation.py)
+    qconfig: Optional[dict] = None  # a checkpoint's quantization_config
 
 
 def load_source(opts: Options, timer: Timer) -> ExportSource:
@@ -46,7 +47,7 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
         plans = [LayerPlan(n, r.in_features, r.out_features, True, "quantized in the checkpoint") for n, r in records.items()]
         plans += [LayerPlan(n, m.in_features, m.out_features, False, (q.get("skipped") or {}).get(n, "not quantized in the checkpoint"))
                   for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n not in records]
-        return ExportSource(loaded, recipe, plans, records, fp)
+        return ExportSource(loaded, recipe, plans, records, fp, qconfig=q)
     text, budget = with_defaults(opts.recipe, opts.budget, opts.target)
     recipe = load_recipe(text, opts.method).for_target(opts.target)
     check_budget(budget)

@@ -51,13 +51,14 @@ def _trt_profiles(profile: Profile) -> list:
     return [p]
 
 
-def build_engine_bytes(onnx_path: Path, profile: Profile, timing_cache: Path) -> bytes:
+def build_engine_bytes(onnx_path: Path, profile: Profile, timing_cache: Path, refittable: bool = False) -> bytes:
     """A serialized strongly typed engine for ``onnx_path`` over ``profile``; the timing cache is
-    read when it exists and written back (shared between builds of the same GPU)."""
+    read when it exists and written back (shared between builds of the same GPU). ``refittable``:
+    BuilderFlag.REFIT, so that ``refit_engine_bytes`` can replace weights (LoRA slots) later."""
     require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
     network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-    config = CreateConfig(profiles=_trt_profiles(profile),
+    config = CreateConfig(profiles=_trt_profiles(profile), refittable=refittable,
                           load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
     try:
         data = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
@@ -156,3 +157,34 @@ class EngineRunner:
 
     def close(self) -> None:
         self._runner.deactivate()
+
+
+def refit_engine_bytes(plan: bytes, weights: dict, what: str) -> bytes:
+    """``plan`` (built with --refittable) with the named weights replaced, serialized again.
+    TensorRT's Refitter takes the ONNX initializer names (the parser names weights after them);
+    each array must keep the element count and type (NVIDIA TensorRT developer guide, "Refitting
+    an Engine"; Python API tensorrt.Refitter: set_named_weights, get_missing_weights,
+    refit_cuda_engine)."""
+    import numpy as np
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise UserError(f"{what} is not a TensorRT engine this TensorRT can load; rebuild it with loraq engine build --refittable")
+    if not engine.refittable:
+        raise UserError(f"{what} was not built refittable; rebuild it with loraq engine build --refittable")
+    refitter = trt.Refitter(engine, logger)
+    keep = []  # trt.Weights does not own its memory: the arrays live until the refit is done
+    for name, value in weights.items():
+        arr = np.ascontiguousarray(value)
+        keep.append(arr)
+        if not refitter.set_named_weights(name, trt.Weights(arr)):
+            raise UserError(f"{what}: TensorRT has no refittable weight named {name} (or its size differs); "
+                            "rebuild the engine with --refittable from the slot graph")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise UserError(f"{what}: TensorRT needs {len(missing)} more weights refitted with these (first: {missing[0]}); "
+                        "please report it")
+    if not refitter.refit_cuda_engine():
+        raise UserError(f"TensorRT could not refit {what}; rebuild it with loraq engine build --refittable")
+    return bytes(engine.serialize())

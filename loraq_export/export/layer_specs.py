@@ -44,6 +44,11 @@ def layer_spec(rec: LayerRecord, bias: Optional[torch.Tensor]) -> LayerSpec:
         out.down, out.up = _factor(b.down), _factor(b.up)
         out.branch_in = act_quant(b.fmt.act, k)
         out.branch_mid = act_quant(b.fmt.act, b.rank)
+    if rec.adapter is not None:
+        a = rec.adapter
+        out.adapter_down, out.adapter_up = _factor(a.down), _factor(a.up)
+        out.adapter_in = act_quant(a.fmt.act, k)
+        out.adapter_mid = act_quant(a.fmt.act, a.rank)
     rot = rec.rotation
     if rot is not None and rot.folded is None:  # a folded rotation is applied by the producer
         out.rotation = rot.block

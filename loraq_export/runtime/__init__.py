@@ -1,7 +1,7 @@
 """Running an exported artifact: an ONNX Runtime session or a TensorRT engine behind one runner
 interface (runners.py), as a diffusers pipeline's transformer (transformer.py), inside a local
 pipeline folder (pipeline.py). Used by ``loraq generate``, the export report's sampling check and
-the bench's sampling metric."""
+the bench's sampling metric; an ONNX Runtime session with swappable LoRA adapters (lora_session.py)."""
 from loraq_export.runtime.runners import InputSpec, OrtRunner, feed_for, onnx_specs, open_engine, open_onnx
 from loraq_export.runtime.transformer import GraphTransformer, check_fits, fixed_latent_hw
 

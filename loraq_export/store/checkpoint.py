@@ -6,7 +6,8 @@ A checkpoint is a directory:
   diffusers convention) holding the format version, recipe, method, seed and per-layer formats;
 - ``model.safetensors``: every tensor of the model, with each quantized layer stored as packed
   codes and scales in nunchaku's naming (``qweight``, ``wscales``, ``wzeros``, ``proj_down``,
-  ``proj_up``); the same JSON in the file's metadata, so the file alone is self-describing;
+  ``proj_up``; a LoRA adapter term as ``lora_down``, ``lora_up``, with the adapters listed under
+  ``quantization_config["lora"]``); the same JSON in the file's metadata, so the file alone is self-describing;
 - tokenizer files for transformers models, so quality can be re-evaluated from the checkpoint.
 
 Codes are stored in (in, out) layout, INT4 packed two per byte low nibble first (ONNX's layout).
@@ -23,7 +24,7 @@ from loraq_export.errors import UserError
 from loraq_export.store.layer_tensors import record_from, record_meta, record_tensors
 
 QUANT_METHOD = "loraq"
-CHECKPOINT_VERSION = 3  # 2: layers may carry an input rotation; 3: a bias shift (gptq). Older versions still read
+CHECKPOINT_VERSION = 4  # 2: layers may carry an input rotation; 3: a bias shift (gptq); 4: a LoRA adapter term. Older versions still read
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")

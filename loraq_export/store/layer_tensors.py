@@ -3,7 +3,8 @@
 Tensors use nunchaku's names: ``{layer}.qweight`` (codes; INT4 packed two per byte, low nibble
 first, ONNX's layout, in (in, out) order), ``{layer}.wscales``, ``{layer}.wzeros`` (asymmetric
 only), and ``{layer}.proj_down.*`` / ``{layer}.proj_up.*`` for the branch factors (the same three
-names when quantized, the float16 tensor itself otherwise). Checkpoints and resumable partial
+names when quantized, the float16 tensor itself otherwise); a LoRA adapter term (calibless/adapters.py)
+the same way under ``{layer}.lora_down`` / ``{layer}.lora_up``. Checkpoints and resumable partial
 runs both store layers this way.
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def _qtensor_from(prefix: str, t: dict, fmt: WeightFormat, shape: tuple[int, int
 
 def record_tensors(name: str, rec: LayerRecord) -> dict[str, torch.Tensor]:
     out = _qtensor_tensors(name, rec.weight)
-    if rec.branch is not None:
-        for part, f in (("proj_down", rec.branch.down), ("proj_up", rec.branch.up)):
+    for parts, b in ((("proj_down", "proj_up"), rec.branch), (("lora_down", "lora_up"), rec.adapter)):
+        if b is None:
+            continue
+        for part, f in zip(parts, (b.down, b.up)):
             if isinstance(f, QTensor):
                 out.update(_qtensor_tensors(f"{name}.{part}", f))
             else:
@@ -62,16 +65,22 @@ def record_tensors(name: str, rec: LayerRecord) -> dict[str, torch.Tensor]:
     return out
 
 
+def _branch_meta(b) -> dict:
+    return None if b is None else {"rank": b.rank, "format": to_dict(b.fmt),
+                                   "down_format": to_dict(b.down.fmt) if isinstance(b.down, QTensor) else None,
+                                   "up_format": to_dict(b.up.fmt) if isinstance(b.up, QTensor) else None}
+
+
 def record_meta(rec: LayerRecord) -> dict:
-    b = rec.branch
-    return {"shape": [rec.in_features, rec.out_features], "format": to_dict(rec.fmt), "method": rec.method,
-            "branch": None if b is None else {"rank": b.rank, "format": to_dict(b.fmt),
-                                              "down_format": to_dict(b.down.fmt) if isinstance(b.down, QTensor) else None,
-                                              "up_format": to_dict(b.up.fmt) if isinstance(b.up, QTensor) else None},
+    meta = {"shape": [rec.in_features, rec.out_features], "format": to_dict(rec.fmt), "method": rec.method,
+            "branch": _branch_meta(rec.branch),
             "rotation": None if rec.rotation is None else {"block": rec.rotation.block, "perm": rec.rotation.perm is not None,
                                                             "folded": rec.rotation.folded},
             "bias_shift": rec.bias_shift is not None,
             "rel_error": round(float(rec.stats.get("rel_error", float("nan"))), 8)}
+    if rec.adapter is not None:  # only then: checkpoints without adapters stay byte-identical
+        meta["adapter"] = _branch_meta(rec.adapter)
+    return meta
 
 
 def record_from(name: str, t: dict, meta: dict) -> LayerRecord:
@@ -80,27 +89,31 @@ def record_from(name: str, t: dict, meta: dict) -> LayerRecord:
         raise ValueError(f"{name}: smoothing or static activation scales are not supported")
     fmt = from_dict(LayerFormat, meta["format"])
     weight = _qtensor_from(name, t, fmt.weight, (k, n))
-    branch = None
-    if meta["branch"] is not None:
-        bm = meta["branch"]
-        bfmt, r = from_dict(BranchFormat, bm["format"]), bm["rank"]
-        factors = []
-        for part, shape, fkey in (("proj_down", (k, r), "down_format"), ("proj_up", (r, n), "up_format")):
-            if bm[fkey] is None:
-                f = t[f"{name}.{part}"]
-                if tuple(f.shape) != shape:
-                    raise ValueError(f"{name}.{part} has shape {tuple(f.shape)}, config says {shape}")
-            else:
-                f = _qtensor_from(f"{name}.{part}", t, from_dict(WeightFormat, bm[fkey]), shape)
-            factors.append(f)
-        branch = Branch(factors[0], factors[1], bfmt)
+    branch = _branch_from(name, t, meta["branch"], ("proj_down", "proj_up"), k, n)
+    adapter = _branch_from(name, t, meta.get("adapter"), ("lora_down", "lora_up"), k, n)
     shift = None
     if meta.get("bias_shift"):
         shift = t[f"{name}.bias_shift"].float()
         if tuple(shift.shape) != (n,):
             raise ValueError(f"{name}.bias_shift has shape {tuple(shift.shape)}, config says ({n},)")
     return LayerRecord(weight, fmt, branch, _rotation_from(name, t, meta.get("rotation"), k), method=meta.get("method", ""),
-                       stats={"rel_error": meta.get("rel_error")}, bias_shift=shift)
+                       stats={"rel_error": meta.get("rel_error")}, bias_shift=shift, adapter=adapter)
+
+
+def _branch_from(name: str, t: dict, bm, parts: tuple[str, str], k: int, n: int):
+    if bm is None:
+        return None
+    bfmt, r = from_dict(BranchFormat, bm["format"]), bm["rank"]
+    factors = []
+    for part, shape, fkey in ((parts[0], (k, r), "down_format"), (parts[1], (r, n), "up_format")):
+        if bm[fkey] is None:
+            f = t[f"{name}.{part}"]
+            if tuple(f.shape) != shape:
+                raise ValueError(f"{name}.{part} has shape {tuple(f.shape)}, config says {shape}")
+        else:
+            f = _qtensor_from(f"{name}.{part}", t, from_dict(WeightFormat, bm[fkey]), shape)
+        factors.append(f)
+    return Branch(factors[0], factors[1], bfmt)
 
 
 def _rotation_from(name: str, t: dict, meta, k: int):
