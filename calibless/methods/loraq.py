@@ -20,6 +20,7 @@ scale wastes grid levels on one outlier).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -132,17 +133,15 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
     rms_a = float(a.pow(2).mean().sqrt()) or 1.0
     rms_b = float(b.pow(2).mean().sqrt()) or 1.0
-    params = [torch.nn.Parameter(A), torch.nn.Parameter(B), torch.nn.Parameter(log_s)]
-    opt = torch.optim.Adam([{"params": [params[0]], "lr": lr * rms_a}, {"params": [params[1]], "lr": lr * rms_b},
-                            {"params": [params[2]], "lr": lr}])
+    params = [A, B, log_s]
     # Cosine decay: large early steps let codes re-round and escape the alternating fixed
     # point; the small late steps settle on a good joint solution.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    opt = _CosineAdam(params, [lr * rms_a, lr * rms_b, lr], steps)
     eval_every = max(1, steps // 8)
     wb = w.reshape(k // g, g, -1)  # blocked view: scales broadcast instead of being expanded
     with torch.no_grad():
         for step in range(1, steps + 1):
-            A, B, log_s = (p.data for p in params)
+            A, B, log_s = params
             scale = sign * log_s.exp()
             sc = scale[:, None, :]
             aq = A if fa is None else fake_quant_weight(A, fa)
@@ -151,17 +150,42 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             codes = torch.round(r / sc)
             codes = codes.clamp_(fmt.qmin, fmt.qmax) if zb is None else codes.add_(zb).clamp_(fmt.qmin, fmt.qmax).sub_(zb)
             e = r.sub_(codes * sc)  # the error W - codes*s - AqBq, in r's memory
-            params[2].grad = (e * codes).sum(1).mul_(-2 * scale)
+            grad_s = (e * codes).sum(1).mul_(-2 * scale)
             e = e.reshape(k, -1)
-            params[0].grad = (e @ bq.T).mul_(-2)
-            params[1].grad = (aq.T @ e).mul_(-2)
-            opt.step()
-            sched.step()
+            opt.step([(e @ bq.T).mul_(-2), (aq.T @ e).mul_(-2), grad_s])
             if step % eval_every == 0 or step == steps:
-                cand = _deployed(w, sign * params[2].data.exp(), params[0].data, params[1].data, spec, z)
+                cand = _deployed(w, sign * params[2].exp(), params[0], params[1], spec, z)
                 if cand[0] < best[0]:
-                    best = (*cand, params[0].data.clone(), params[1].data.clone())
+                    best = (*cand, params[0].clone(), params[1].clone())
     return best
+
+
+class _CosineAdam:
+    """torch.optim.Adam's update (its defaults: betas (0.9, 0.999), eps 1e-8; the single-tensor path
+    it takes on CPU) under CosineAnnealingLR's chained learning rate, op for op as torch 2.x writes
+    them (torch/optim/adam.py, lr_scheduler.py), so the iterates are the same. Written out because
+    constructing torch's optimizer imports torch._dynamo: seconds in every worker process."""
+
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, params: list, lrs: list, steps: int):
+        self.params, self.lrs, self.base, self.steps, self.t = params, list(lrs), list(lrs), steps, 0
+        self.avg = [torch.zeros_like(p) for p in params]
+        self.avg_sq = [torch.zeros_like(p) for p in params]
+
+    def step(self, grads: list) -> None:
+        self.t += 1
+        b1, b2, t = self.BETA1, self.BETA2, float(self.t)
+        for p, g, m, v, lr in zip(self.params, grads, self.avg, self.avg_sq, self.lrs):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(self.EPS)
+            p.addcdiv_(m, denom, value=-(lr / (1 - b1 ** t)))
+        e, n = self.t, self.steps  # the scheduler's step after the optimizer's
+        if (e - 1 - n) % (2 * n) == 0:
+            self.lrs = [lr + base * (1 - math.cos(math.pi / n)) / 2 for lr, base in zip(self.lrs, self.base)]
+        else:
+            self.lrs = [(1 + math.cos(math.pi * e / n)) / (1 + math.cos(math.pi * (e - 1) / n)) * lr for lr in self.lrs]
 
 
 def fit_loraq_without_branch(w, spec, seed=0, input_stats=None):
