@@ -4,9 +4,13 @@ precision: a DequantizeLinear outputs its scale's type, so an fp32 graph builds 
 (NVIDIA, TensorRT developer guide, "Strongly Typed Networks"; docs/deployment.md, "TensorRT").
 
 Values outside float16's range are clamped to +-65504 (the exporters' "minus infinity" attention
-mask constant, finfo(float32).min, becomes -65504: still e^-65504 = 0 after softmax). Positive
-values below float16's smallest normal (6.1e-5) that are scale floors (the dynamic activation
-scale floor 1e-8) become that normal: a zero floor would divide an all-zero token by zero.
+mask constant, finfo(float32).min, becomes -65504: still e^-65504 = 0 after softmax). A positive
+scalar that is a floor (read by Max or Clip: the dynamic activation scale floor 1e-8) and lies
+below float16's smallest normal (6.1e-5) becomes that normal, as does any positive scalar that
+would round to zero: a zero floor would divide an all-zero token by zero. Other small scalars keep
+their float16 value: an RMS norm's epsilon (1e-6 in Gemma-2 and T5) raised to 6.1e-5 would
+dominate the mean square of small activations (tiny Gemma-2: relative L2 0.57 against float32).
+Constants read only by float32 nodes stay float32 (the epsilon of a norm kept in float32).
 
 Three kinds of node stay in float32, with Casts at the region's edges:
 - ops whose ONNX schema has no float16 for a float input (Range: a position index);
@@ -32,15 +36,19 @@ FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal, 6.1e-5
 
 
-def _half(a: np.ndarray) -> np.ndarray:
+FLOOR_OPS = ("Max", "Clip")  # a scalar read by these is a floor: Max(s, eps)
+
+
+def _half(a: np.ndarray, floor: bool = False) -> np.ndarray:
     a = np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX)
-    tiny = (a > 0) & (a < FP16_TINY) & (a.size == 1)  # a scalar floor such as Max(s, eps)'s eps
-    return np.where(tiny, FP16_TINY, a).astype(np.float16)
+    h = a.astype(np.float16)
+    raise_ = (a.size == 1) & (a > 0) & ((h == 0) | (floor & (a < FP16_TINY)))
+    return np.where(raise_, np.float16(FP16_TINY), h).astype(np.float16)
 
 
-def _convert_tensor(t: onnx.TensorProto) -> None:
+def _convert_tensor(t: onnx.TensorProto, floor: bool = False) -> None:
     if t.data_type == TensorProto.FLOAT:
-        t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(t)), t.name))
+        t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(t), floor), t.name))
 
 
 def _convert_type(vi: onnx.ValueInfoProto) -> None:
@@ -115,6 +123,10 @@ def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     for i, n in enumerate(g.node):
         for name in n.input:
             readers.setdefault(name, set()).add(i)
+    # a Constant read only by float32 nodes joins them: its value is never rounded to float16
+    keep |= {i for i, n in enumerate(g.node) if n.op_type == "Constant" and n.output[0] in floats
+             and readers.get(n.output[0]) and readers[n.output[0]] <= keep}
+    floors = {name for n in g.node if n.op_type in FLOOR_OPS for name in n.input[1:]}
     kept_outputs = {o for i in keep for o in g.node[i].output}
     for o in g.output:
         if o.name in kept_outputs and o.name in floats:
@@ -124,7 +136,7 @@ def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     stay = {name for name in sources & floats if readers.get(name) and readers[name] <= keep}
     for t in g.initializer:
         if t.name not in stay:
-            _convert_tensor(t)
+            _convert_tensor(t, t.name in floors)
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         if vi.name not in stay and vi.name not in kept_outputs:
             _convert_type(vi)
@@ -146,7 +158,7 @@ def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
             for k, name in enumerate(node.input):
                 if name in kept_outputs and name in floats:
                     node.input[k] = f"{name}/as_fp16"
-            _convert_attributes(node)
+            _convert_attributes(node, node.op_type == "Constant" and node.output[0] in floors)
         nodes.append(node)
         if i in keep:  # cast its float32 outputs down just after, where read outside the region
             for name in node.output:
@@ -160,12 +172,12 @@ def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     return out
 
 
-def _convert_attributes(node: onnx.NodeProto) -> None:
+def _convert_attributes(node: onnx.NodeProto, floor: bool = False) -> None:
     for a in node.attribute:
         if a.name == "to" and a.i == TensorProto.FLOAT:
             a.i = TensorProto.FLOAT16
         elif a.type == onnx.AttributeProto.TENSOR:
-            _convert_tensor(a.t)
+            _convert_tensor(a.t, floor)
         elif a.name in ("dtype", "output_dtype") and a.i == TensorProto.FLOAT:
             a.i = TensorProto.FLOAT16
 

@@ -66,3 +66,41 @@ def test_sinusoidal_embedding_and_range_stay_float32():
     assert y16.dtype == np.float16
     # only x, the Cast of the embedding and the Add round to float16: a few u = 4.9e-4 each
     assert np.abs(y16.astype(np.float32) - y32).max() < 4 * 2.0 ** -11 * np.abs(y32).max()
+
+
+def _rms_norm_model(eps: float):
+    """y = x / sqrt(mean(x^2) + eps) * w, the statistics named as a model's norm scope."""
+    from onnx import helper
+    nodes = [
+        helper.make_node("Constant", [], ["two"], name="/model/norm/Constant", value=helper.make_tensor("", TensorProto.FLOAT, [], [2.0])),
+        helper.make_node("Constant", [], ["eps"], name="/model/norm/Constant_1", value=helper.make_tensor("", TensorProto.FLOAT, [], [eps])),
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="/model/norm/Pow"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], name="/model/norm/ReduceMean", axes=[-1], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="/model/norm/Add"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="/model/norm/Sqrt"),
+        helper.make_node("Div", ["x", "rms"], ["xn"], name="/model/norm/Div"),
+        helper.make_node("Mul", ["xn", "w"], ["y"], name="/model/norm/weight_Mul"),
+    ]
+    w = onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 64).astype(np.float32), "w")
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_rms_norm_eps_is_not_raised_like_a_scale_floor():
+    """A norm's epsilon (1e-6) is no floor: raised to float16's smallest normal (6.1e-5) it would
+    swamp the mean square of small activations (here ~1e-6, as in a tiny random Gemma-2)."""
+    model = _rms_norm_model(1e-6)
+    half = to_float16(model, keep=(r"^/model/norm/(Pow|ReduceMean|Add|Sqrt|Div)$",))
+    consts = {n.output[0]: n.attribute[0].t for n in half.graph.node if n.op_type == "Constant"}
+    assert consts["eps"].data_type == TensorProto.FLOAT  # read only by float32 nodes: never rounded
+    x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32) * 1e-3
+    ref = run(model, {"x": x})
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # x is read only by the statistics
+    y16 = run(half, {"x": x}).astype(np.float32)
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert np.linalg.norm(y16 - ref) / np.linalg.norm(ref) < 2e-3  # the weight Mul and y round to float16
+    # the whole norm in float16: eps keeps its float16 value (a subnormal), not 6.1e-5
+    plain = to_float16(model)
+    eps16 = next(n.attribute[0].t for n in plain.graph.node if n.output[0] == "eps")
+    assert abs(float(onnx.numpy_helper.to_array(eps16)) - 1e-6) < 1e-7
