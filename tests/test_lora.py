@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion_fixtures import tiny_config
-from lora_fixtures import lora_factors, merge_in_float, save_kohya, save_old_diffusers, save_peft
+from loraq_export.models.synthetic_lora import lora_factors, merge_in_float, save_kohya, save_old_diffusers, save_peft
 from loraq_export.cli import main
 from loraq_export.errors import UserError
 from loraq_export.models import load_model

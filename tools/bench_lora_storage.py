@@ -3,7 +3,7 @@
     python tools/bench_lora_storage.py FOLDER [--recipe w4a8-g32-r8-w8a8] [--rank 8] [--strength 0.1]
 
 Quantizes FOLDER (a diffusers transformer folder) once, then for each storage format loads the
-same rank --rank LoRA (tests/lora_fixtures.py's synthetic adapter on attention and feed-forward
+same rank --rank LoRA (loraq_export/models/synthetic_lora.py's synthetic adapter on attention and feed-forward
 layers, B A = --strength x the weight's norm) with load_lora and prints: the adapter term's own
 relative error against its float product (mean over layers), the model output's relative L2 to
 the FP model with the LoRA merged in float, as a ratio to the plain quantized model's distance
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
-from lora_fixtures import lora_factors, merge_in_float, save_peft  # noqa: E402
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..")]
+from loraq_export.models.synthetic_lora import lora_factors, merge_in_float, save_peft  # noqa: E402
 from loraq_export import load_lora, load_quantized_model, unload_lora  # noqa: E402
 from loraq_export.commands.quantize import run_quantize  # noqa: E402
 from loraq_export.fit.swap import LoraqLinear  # noqa: E402

@@ -1,4 +1,6 @@
-"""Synthetic LoRA adapter files in the layouts loraq reads (peft/diffusers, older diffusers, kohya)."""
+"""Synthetic LoRA adapter files in the layouts loraq reads (peft/diffusers, older diffusers, kohya), with
+seeded random factors: what the tests and tools/bench_lora_storage.py load when no published adapter
+can be downloaded."""
 from __future__ import annotations
 
 import json
