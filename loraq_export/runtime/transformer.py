@@ -82,8 +82,9 @@ def check_fits(runner, config, latent_hw: Optional[tuple] = None, source: str = 
     (latent channels, text width, output channels, fixed latent size)."""
     missing = [n for n in REQUIRED_INPUTS if n not in runner.inputs]
     if missing:
-        raise UserError(f"{source} has no input {', '.join(missing)} (it has {', '.join(runner.inputs)}): "
-                        "it is not a diffusion transformer exported by loraq export; pass that model.onnx")
+        what = ("a text encoder's graph: pass it with --text-encoder-onnx" if "input_ids" in runner.inputs
+                else "not a diffusion transformer exported by loraq export; pass that model.onnx")
+        raise UserError(f"{source} has no input {', '.join(missing)} (it has {', '.join(runner.inputs)}): it is {what}")
     hs, text = runner.inputs["hidden_states"], runner.inputs["encoder_hidden_states"]
     wants = [("hidden_states channels", hs.dim(1), config.get("in_channels")),
              ("encoder_hidden_states width", text.dim(2), config.get("caption_channels"))]
