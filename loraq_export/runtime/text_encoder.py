@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from loraq_export.errors import UserError
-from loraq_export.runtime.runners import feed_for
+from loraq_export.runtime.runners import GraphModule
 
 HIDDEN_KEYS = ("d_model", "hidden_size")  # T5Config, Gemma2Config
 
@@ -54,25 +53,14 @@ def hidden_size(config):
     return None
 
 
-class GraphTextEncoder(torch.nn.Module):
+class GraphTextEncoder(GraphModule):
     """``pipe.text_encoder`` replacement that runs ``runner`` (see runners.py) on each call.
 
     Returns transformers' ``BaseModelOutput`` (``[0]`` and ``.last_hidden_state`` both give the
     hidden states), or a tuple with ``return_dict=False``. ``calls`` counts the graph runs."""
 
     def __init__(self, runner, config):
-        super().__init__()
-        self.runner = runner
-        self.config = text_config(config)
-        self.calls = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")  # the runner takes host arrays; outputs come back on the host
+        super().__init__(runner, text_config(config))
 
     def forward(self, input_ids=None, attention_mask=None, return_dict: bool = True, **_):
         if input_ids is None:
@@ -83,9 +71,7 @@ class GraphTextEncoder(torch.nn.Module):
             named["attention_mask"] = torch.as_tensor(attention_mask)
         elif "attention_mask" in self.runner.inputs:  # no mask given: every token counts
             named["attention_mask"] = torch.ones(ids.shape, dtype=torch.int64)
-        out = self.runner.run(feed_for(self.runner, named))[0]
-        self.calls += 1
-        states = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(ids.device)
+        states = self.run_graph(named, ids.device)
         if not return_dict:
             return (states,)
         from transformers.modeling_outputs import BaseModelOutput
