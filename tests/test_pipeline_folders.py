@@ -94,6 +94,29 @@ def test_refuses_existing_path_and_unknown_kind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing partial left behind
 
 
+def test_a_folder_named_like_a_preset_is_the_folder(folders, tmp_path, monkeypatch):
+    """./pixart-sigma (a relative path equal to a preset name) loads that folder, never the preset."""
+    import shutil
+
+    from loraq_export.models import diffusion, load_model, pipeline_components
+    from loraq_export.models.pipeline_components import components_of
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folders["pixart-sigma"], tmp_path / "pixart-sigma")
+    refuse = lambda *a, **k: pytest.fail("built the preset instead of loading ./pixart-sigma")  # noqa: E731
+    monkeypatch.setattr(diffusion, "build_preset", refuse)
+    monkeypatch.setattr(pipeline_components, "text_encoder_preset_model", refuse)
+    lm = load_model("pixart-sigma")
+    assert lm.source["layout"] == "pipeline" and lm.module.config.num_layers == 1  # the tiny folder's transformer
+    assert components_of("pixart-sigma") == ["transformer", "text_encoder"]
+    te = load_model("pixart-sigma", component="text_encoder")
+    assert te.module.config.d_model == 32 and te.source["layout"] == "pipeline"
+    with pytest.raises(UserError, match="applies to the presets only"):
+        load_model("pixart-sigma", num_layers=2)
+    with pytest.raises(UserError, match="pipeline preset"):  # without the folder, the name is still a preset
+        components_of("no-such-preset")
+
+
 def test_num_layers_is_for_presets_only(tmp_path):
     with pytest.raises(UserError, match="num_layers applies to size 'preset' only"):
         write_pipeline_folder(tmp_path / "x", "sana", num_layers=2)

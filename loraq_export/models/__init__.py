@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraq_export.errors import UserError
-from loraq_export.models.base import LoadedModel
+from loraq_export.models.base import LoadedModel, names_preset
 
 __all__ = ["LoadedModel", "load_model", "describe_sources"]
 
@@ -21,20 +21,21 @@ def describe_sources() -> str:
 
 def load_model(model: Optional[str] = None, num_layers: Optional[int] = None, seed: int = 0,
                component: Optional[str] = None) -> LoadedModel:
-    """Resolve what the user named: None/'minilm', a preset name, or a local folder; ``component``
+    """Resolve what the user named: None/'minilm', a preset name, or a local folder (an existing
+    folder wins over a preset of the same name: ``./pixart-sigma`` is the folder); ``component``
     (transformer, text_encoder) picks one model of a pipeline (pipeline_components.py)."""
     from loraq_export.models import diffusion, diffusion_folders, minilm, pipeline_components
 
     if component is not None:
         return pipeline_components.load_component(model, component, num_layers, seed)
-    if model is None or model.lower() in minilm.ALIASES:
+    if model is None or names_preset(model.lower(), minilm.ALIASES, model):
         if num_layers is not None:
             raise UserError("--num-layers applies to the presets only")
         return minilm.load_minilm()
     from loraq_export.models.text_encoder_presets import TEXT_ENCODER_PRESETS
-    if model in TEXT_ENCODER_PRESETS:
+    if names_preset(model, TEXT_ENCODER_PRESETS):
         return pipeline_components.text_encoder_preset_model(model, num_layers, seed)
-    if model in diffusion.PRESETS:
+    if names_preset(model, diffusion.PRESETS):
         if num_layers is not None and num_layers < 1:
             raise UserError(f"--num-layers must be at least 1, got {num_layers}")
         module = diffusion.build_preset(model, num_layers=num_layers, seed=seed)

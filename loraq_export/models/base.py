@@ -39,3 +39,11 @@ class LoadedModel:
     # node-name regular expression -> why: what a float16 graph keeps in float32 because the model
     # itself computes it in float32 (graphs/float16.py; T5's wo projections)
     float32_regions: dict = field(default_factory=dict)
+
+
+def names_preset(name, names, path=None) -> bool:
+    """``name`` is one of the preset ``names`` and no folder ``path`` (default: ``name``) exists:
+    a local folder that happens to share a preset's name (``./pixart-sigma``) is loaded as the folder."""
+    import os
+
+    return name is not None and name in names and not os.path.isdir(path if path is not None else name)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraq_export.errors import UserError
-from loraq_export.models.base import LoadedModel
+from loraq_export.models.base import LoadedModel, names_preset
 
 COMPONENTS = ("transformer", "text_encoder")  # the components with Linear layers loraq quantizes
 CHOICES = COMPONENTS + ("all",)
@@ -40,7 +40,7 @@ def pipeline_presets() -> dict:
 
 def components_of(model: Optional[str]) -> list[str]:
     """The quantizable components a pipeline folder or pipeline preset has, in COMPONENTS order."""
-    if model in pipeline_presets():
+    if names_preset(model, pipeline_presets()):
         return list(COMPONENTS)
     if not is_pipeline_folder(model):
         raise UserError(f"--component needs a pipeline: a diffusers pipeline folder (with model_index.json) or a "
@@ -62,7 +62,7 @@ def load_component(model: Optional[str], component: str, num_layers: Optional[in
         listed = ", ".join(k for k in sorted(_index(root)) if not k.startswith("_")) or "nothing"
         raise UserError(f"pipeline {root} has no {component} component (model_index.json lists {listed}; "
                         f"a {component}/ subfolder is needed): choose one of {', '.join(present)}")
-    if model in pipeline_presets():
+    if names_preset(model, pipeline_presets()):
         transformer, encoder = pipeline_presets()[model]
         if component == "text_encoder":
             return text_encoder_preset_model(encoder, num_layers, seed)

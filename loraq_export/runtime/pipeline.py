@@ -1,5 +1,6 @@
-"""Local diffusers pipeline folders, run with their own transformer (FP, torch) or with an exported
-graph in its place (``GraphTransformer``): one code path for "run this graph in that pipeline".
+"""Local diffusers pipeline folders, run with their own transformer and text encoder (FP, torch) or
+with exported graphs in their place (``GraphTransformer``, ``GraphTextEncoder``): one code path for
+"run these graphs in that pipeline" (``load_pipeline`` / ``with_components``).
 
 A pipeline folder is what ``save_pretrained`` writes (``model_index.json`` naming the pipeline
 class and its components, one subfolder per component). Generation needs all of text_encoder,
@@ -34,6 +35,7 @@ class PipelineFolder:
     root: Path
     class_name: str
     transformer_config: dict = field(default_factory=dict)
+    text_encoder_config: dict = field(default_factory=dict)
 
 
 def _json(path: Path) -> dict:
@@ -72,9 +74,9 @@ def read_pipeline_folder(path) -> PipelineFolder:
     if missing:
         raise UserError(f"pipeline {root} is missing {', '.join(missing)}: generating needs its text encoder, "
                         "tokenizer, VAE, scheduler and transformer; pass a whole pipeline folder")
-    config = _json(readable(root / "transformer" / "config.json", "transformer config",
-                            "re-save the pipeline with save_pretrained"))
-    return PipelineFolder(root, cls_name, config)
+    configs = [_json(readable(root / c / "config.json", f"{c} config", "re-save the pipeline with save_pretrained"))
+               for c in ("transformer", "text_encoder")]
+    return PipelineFolder(root, cls_name, *configs)
 
 
 @contextmanager
@@ -109,14 +111,15 @@ def _dtype_kwarg() -> str:
         return "torch_dtype"
 
 
-def load_pipeline(folder: PipelineFolder, transformer: Optional[torch.nn.Module] = None):
-    """The diffusers pipeline of ``folder`` in float32 on the CPU; ``transformer`` replaces its
-    own (which is then not loaded at all)."""
+def load_pipeline(folder: PipelineFolder, transformer: Optional[torch.nn.Module] = None,
+                  text_encoder: Optional[torch.nn.Module] = None):
+    """The diffusers pipeline of ``folder`` in float32 on the CPU; ``transformer`` and
+    ``text_encoder`` replace its own (which are then not loaded at all)."""
     import diffusers
 
-    kwargs = {"local_files_only": True, _dtype_kwarg(): torch.float32}
-    if transformer is not None:
-        kwargs["transformer"] = None  # not loaded; from_pretrained takes only ModelMixin instances in its place
+    given = {k: v for k, v in (("transformer", transformer), ("text_encoder", text_encoder)) if v is not None}
+    # Not loaded: from_pretrained takes only the library's own model classes in their place.
+    kwargs = {"local_files_only": True, _dtype_kwarg(): torch.float32, **{k: None for k in given}}
     cls = getattr(diffusers, folder.class_name)
     with _quiet():
         try:
@@ -125,12 +128,10 @@ def load_pipeline(folder: PipelineFolder, transformer: Optional[torch.nn.Module]
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load the pipeline {folder.root} ({first[:300]}); re-save it with "
                             "save_pretrained") from None
-    if transformer is not None:
-        return with_transformer(pipe, transformer)
-    if type(pipe.transformer).__name__ not in SUPPORTED:
+    if transformer is None and type(pipe.transformer).__name__ not in SUPPORTED:
         raise UserError(f"{folder.root}: transformer {type(pipe.transformer).__name__} is not one loraq runs "
                         f"({', '.join(SUPPORTED)})")
-    return pipe
+    return with_components(pipe, **given) if given else pipe
 
 
 def vae_scale(pipe) -> int:
@@ -174,8 +175,16 @@ def generate(pipe, prompt: str, seed: int, steps: int, height: int, width: int, 
             raise UserError(f"{type(pipe).__name__} refused the arguments: {e}") from None
 
 
-def with_transformer(pipe, transformer: torch.nn.Module):
-    """A pipeline of the same class sharing ``pipe``'s text encoder, tokenizer, VAE and scheduler,
-    with ``transformer`` in place of its own."""
+def with_components(pipe, transformer: Optional[torch.nn.Module] = None,
+                    text_encoder: Optional[torch.nn.Module] = None):
+    """A pipeline of the same class sharing ``pipe``'s components (tokenizer, VAE, scheduler, and
+    the transformer / text encoder not given), with ``transformer`` / ``text_encoder`` in place
+    of its own."""
+    given = {k: v for k, v in (("transformer", transformer), ("text_encoder", text_encoder)) if v is not None}
     with _quiet():
-        return type(pipe)(**{**pipe.components, "transformer": transformer})
+        return type(pipe)(**{**pipe.components, **given})
+
+
+def with_transformer(pipe, transformer: torch.nn.Module):
+    """``with_components(pipe, transformer=transformer)``."""
+    return with_components(pipe, transformer=transformer)

@@ -142,3 +142,32 @@ def open_engine(plan, onnx_path):
     runner = EngineRunner(plan, inputs, outputs)
     runner.output_shapes = shapes
     return runner
+
+
+class GraphModule(torch.nn.Module):
+    """What a pipeline component backed by ``runner`` shares (GraphTransformer, GraphTextEncoder):
+    ``config`` (as the subclass makes it), ``dtype`` float32 (the pipeline's tensors stay float32
+    and are cast to the graph's own input types at the boundary), ``device`` the CPU (the runner
+    takes host arrays and returns host arrays), and ``calls``, the graph runs (a test can see that
+    the graph ran, not torch)."""
+
+    def __init__(self, runner, config):
+        super().__init__()
+        self.runner = runner
+        self.config = config
+        self.calls = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def run_graph(self, named: Mapping[str, object], device) -> torch.Tensor:
+        """The graph's first output for the tensors ``named`` (fed through ``feed_for``) as a
+        float32 tensor on ``device``."""
+        out = self.runner.run(feed_for(self.runner, named))[0]
+        self.calls += 1
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(device)

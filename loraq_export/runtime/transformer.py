@@ -22,36 +22,24 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from loraq_export.errors import UserError
-from loraq_export.runtime.runners import feed_for
+from loraq_export.runtime.runners import GraphModule
 
 REQUIRED_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states")
 
 
-class GraphTransformer(torch.nn.Module):
+class GraphTransformer(GraphModule):
     """``pipe.transformer`` replacement that runs ``runner`` (see runners.py) on each call.
 
     ``config``: the pipeline transformer's config (its ``config.json`` as a dict or diffusers
     FrozenDict). ``calls`` counts the graph runs (a test can see that the graph ran, not torch)."""
 
     def __init__(self, runner, config):
-        super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
-        self.runner = runner
-        self.config = FrozenDict(dict(config))
-        self.calls = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")  # the runner takes host arrays; outputs come back on the host
+        super().__init__(runner, FrozenDict(dict(config)))
 
     def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, encoder_attention_mask=None,
                 added_cond_kwargs=None, attention_kwargs=None, return_dict: bool = True, **_):
@@ -67,9 +55,7 @@ class GraphTransformer(torch.nn.Module):
             named["encoder_attention_mask"] = encoder_attention_mask
         elif "encoder_attention_mask" in self.runner.inputs:  # no mask given: every text token counts
             named["encoder_attention_mask"] = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.int64)
-        out = self.runner.run(feed_for(self.runner, named))[0]
-        self.calls += 1
-        sample = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(hidden_states.device)
+        sample = self.run_graph(named, hidden_states.device)
         if not return_dict:
             return (sample,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -82,8 +68,9 @@ def check_fits(runner, config, latent_hw: Optional[tuple] = None, source: str = 
     (latent channels, text width, output channels, fixed latent size)."""
     missing = [n for n in REQUIRED_INPUTS if n not in runner.inputs]
     if missing:
-        raise UserError(f"{source} has no input {', '.join(missing)} (it has {', '.join(runner.inputs)}): "
-                        "it is not a diffusion transformer exported by loraq export; pass that model.onnx")
+        what = ("a text encoder's graph: pass it with --text-encoder-onnx" if "input_ids" in runner.inputs
+                else "not a diffusion transformer exported by loraq export; pass that model.onnx")
+        raise UserError(f"{source} has no input {', '.join(missing)} (it has {', '.join(runner.inputs)}): it is {what}")
     hs, text = runner.inputs["hidden_states"], runner.inputs["encoder_hidden_states"]
     wants = [("hidden_states channels", hs.dim(1), config.get("in_channels")),
              ("encoder_hidden_states width", text.dim(2), config.get("caption_channels"))]
