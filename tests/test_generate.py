@@ -201,7 +201,7 @@ def test_onnx_pipeline_matches_the_torch_quantized_pipeline(pipes, kind, tmp_pat
     """quantize -> export -> generate: the ONNX-run pipeline agrees with the pipeline running the
     checkpoint's torch quantized model within the export's end-to-end validation bound."""
     from loraq_export.runtime import GraphTransformer, open_onnx
-    from loraq_export.runtime.pipeline import generate, load_pipeline, read_pipeline_folder, with_transformer
+    from loraq_export.runtime.pipeline import generate, load_pipeline, read_pipeline_folder, with_components
     from loraq_export.store.checkpoint import load_quantized_model
 
     folder = pipes[kind][0]
@@ -220,8 +220,8 @@ def test_onnx_pipeline_matches_the_torch_quantized_pipeline(pipes, kind, tmp_pat
     fp_pipe = load_pipeline(pf)
     graph = GraphTransformer(open_onnx(exp / "model.onnx"), pf.transformer_config)
     args = dict(seed=0, steps=int(STEPS), height=rep["height"], width=rep["width"], progress=False)
-    torch_q = with_transformer(fp_pipe, load_quantized_model(ckpt))
-    onnx_q = with_transformer(fp_pipe, graph)
+    torch_q = with_components(fp_pipe, transformer=load_quantized_model(ckpt))
+    onnx_q = with_components(fp_pipe, transformer=graph)
     lat_t = generate(torch_q, PROMPTS[0], output_type="latent", **args)
     lat_o = generate(onnx_q, PROMPTS[0], output_type="latent", **args)
     lat_fp = generate(fp_pipe, PROMPTS[0], output_type="latent", **args)

@@ -183,8 +183,3 @@ def with_components(pipe, transformer: Optional[torch.nn.Module] = None,
     given = {k: v for k, v in (("transformer", transformer), ("text_encoder", text_encoder)) if v is not None}
     with _quiet():
         return type(pipe)(**{**pipe.components, **given})
-
-
-def with_transformer(pipe, transformer: torch.nn.Module):
-    """``with_components(pipe, transformer=transformer)``."""
-    return with_components(pipe, transformer=transformer)
