@@ -130,7 +130,7 @@ def run_generate(args, echo=print) -> dict:
     runner = parts["transformer"].runner if "transformer" in parts else None
     height, width = _image_size(args, runner, folder.transformer_config, scale, SIZE_MULTIPLE[folder.class_name])
     if runner is not None:
-        check_fits(runner, folder.transformer_config, (height // scale, width // scale), str(graphs.parts["transformer"].onnx))
+        check_fits(runner, folder.transformer_config, (height // scale, width // scale), graphs.parts["transformer"].source)
 
     backend, te_backend = graphs.backend("transformer"), graphs.backend("text_encoder")
     label = ", ".join(dict.fromkeys(graphs.backend(c) for c in graphs.components))

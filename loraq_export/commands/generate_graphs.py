@@ -25,6 +25,7 @@ class Graph:
     module: object  # GraphTransformer / GraphTextEncoder
     onnx: Path
     engine: Optional[Path]
+    source: str  # how errors name it: the ONNX, or the engine and the ONNX it was built from
 
     @property
     def backend(self) -> str:
@@ -104,10 +105,10 @@ def open_graphs(args, folder) -> Graphs:
         runner, source = _open(transformer_onnx, args.engine)
         check_fits(runner, folder.transformer_config, source=source)  # channels and text width, before loading
         graphs.parts["transformer"] = Graph(GraphTransformer(runner, folder.transformer_config), transformer_onnx,
-                                            args.engine)
+                                            args.engine, source)
     if text_encoder_onnx is not None:
         runner, source = _open(text_encoder_onnx, args.text_encoder_engine)
         check_text_encoder_fits(runner, folder, source=source)
         graphs.parts["text_encoder"] = Graph(GraphTextEncoder(runner, folder.text_encoder_config), text_encoder_onnx,
-                                             args.text_encoder_engine)
+                                             args.text_encoder_engine, source)
     return graphs
