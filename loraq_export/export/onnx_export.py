@@ -20,6 +20,8 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _torch_export(loaded: LoadedModel, inputs: tuple, path: Path) -> None:
+    from loraq_export.models.stored_dtype import upcast_remaining
+    upcast_remaining(loaded.wrapper)  # no 16-bit initializer and Cast in the graph: what the float32 flow writes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
         torch.onnx.export(loaded.wrapper, inputs, str(path), dynamo=False, opset_version=OPSET,

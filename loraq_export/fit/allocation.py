@@ -20,6 +20,8 @@ import torch
 
 from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
 from calibless.input_stats import rotate_stats
+from loraq_export.fit.input_stats import resolve_stats
+from loraq_export.models.stored_dtype import Float32ComputeLinear
 from calibless.methods import get_method
 from calibless.rotation import Rotation
 from loraq_export.errors import UserError
@@ -135,15 +137,17 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
         key = ("sensitivity", p.name, lr.name, p.folded_by, seed)
         if key not in cache:
             lin = mods[p.name]
-            saved = lin.weight.detach().clone()
+            saved = lin.weight.data
             w = saved.float().T
             rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
             q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
             try:
-                lin.weight.copy_((q if rot is None else rot.unrotate_weight(q)).T.to(saved.dtype))
+                # a float32 tensor in place of a 16-bit stored weight (models/stored_dtype.py) is not rounded
+                lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(
+                    torch.float32 if isinstance(lin, Float32ComputeLinear) else saved.dtype)
                 cache[key] = float(((loaded.wrapper(*sample).float() - fp) ** 2).sum()) / energy
             finally:
-                lin.weight.copy_(saved)
+                lin.weight.data = saved
         out[p.name] = cache[key] / max(predicted, 1e-30)
     return out
 
@@ -156,7 +160,7 @@ def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
 def _channel_weight(p: LayerPlan, rot: Optional[int]):
     if rot is None or p.folded_by is not None:
         return p.input_stats.mean_square()
-    return rotate_stats(p.input_stats, Rotation(rot)).mean_square()
+    return rotate_stats(resolve_stats(p.input_stats), Rotation(rot)).mean_square()
 
 
 def write_allocation(path: Path, recipe: Recipe, summary: dict) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from calibless.methods import get_method
 from calibless.rotation import block_hadamard
 from loraq_export.fit.plan import LayerPlan
+from loraq_export.models.stored_dtype import to_float32
 
 FOLD_TOLERANCE = 1e-4  # relative L2 of the model's output after folding (float32 summation order: ~1e-6)
 
@@ -86,6 +87,8 @@ def fold_rotations(module: nn.Module, plans: list[LayerPlan], run_model: Optiona
     with torch.no_grad():
         before = run_model().float()
         touched = {n for c, (prod, _) in candidates.items() for n in (c, prod)}
+        for n in touched:  # rotated weights are not 16-bit values: edit float32 copies
+            to_float32(mods[n])
         saved = {n: (mods[n].weight.clone(), None if mods[n].bias is None else mods[n].bias.clone()) for n in touched}
         for consumer, (producer, block) in candidates.items():
             _rotate_outputs(mods[producer], block)

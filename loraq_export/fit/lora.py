@@ -16,6 +16,7 @@ from torch import nn
 from calibless.adapters import adapter_format, lora_delta, lora_factors, widen
 from loraq_export.errors import UserError
 from loraq_export.models.lora_files import LoraAdapter, model_linears, read_lora
+from loraq_export.models.stored_dtype import to_float32
 
 _STATE = "_loraq_lora_state"  # on a module: what load_lora changed, for unload_lora
 
@@ -47,7 +48,7 @@ def apply_adapters(module: nn.Module, records: dict, adapters: list[LoraAdapter]
                 records[name] = widen(rec, *lora_factors(layer.a, layer.b, s), adapter_format(fmt, rec))
                 quantized.add(name)
             else:
-                lin = module.get_submodule(name)
+                lin = to_float32(module.get_submodule(name))  # a merged delta is not a 16-bit value
                 with torch.no_grad():
                     lin.weight.add_(lora_delta(layer.a, layer.b, s).to(lin.weight.dtype))
                 merged.add(name)
@@ -79,7 +80,7 @@ def merged_in_float(module: Optional[nn.Module], adapters: list[LoraAdapter]):
         with torch.no_grad():
             for ad in adapters:
                 for name, layer in ad.layers.items():
-                    lin = module.get_submodule(name)
+                    lin = to_float32(module.get_submodule(name))
                     if name not in saved:
                         saved[name] = lin.weight.detach().clone()
                     lin.weight.add_(lora_delta(layer.a, layer.b, ad.total_scaling(name)).to(lin.weight.dtype))

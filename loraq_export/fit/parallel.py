@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Optional
 
 import torch
@@ -21,7 +21,12 @@ from calibless.input_stats import InputStats
 from calibless.methods import fit_layer, get_method
 from calibless.record import LayerRecord
 from loraq_export.errors import UserError
+from loraq_export.fit.input_stats import resolve_stats
 from loraq_export.fit.plan import LayerPlan
+
+# jobs queued per worker process: enough to keep each busy, few enough that the weights and
+# statistics shipped to them stay a small share of memory
+IN_FLIGHT_PER_WORKER = 2
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -33,7 +38,7 @@ def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, see
     torch.set_num_threads(1)
     try:
         return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name), folded_by=folded_by,
-                               input_stats=input_stats)
+                               input_stats=resolve_stats(input_stats))
     except ValueError as e:  # the method refusing this layer's input
         raise UserError(f"layer {name}: {e}") from None
 
@@ -62,24 +67,32 @@ def fit_layers(module: nn.Module, plans: list[LayerPlan], method: str, seed: int
     bar = tqdm(total=len(todo), desc=f"fitting ({method}, {workers} proc)", unit="layer", disable=not progress,
                dynamic_ncols=True)
     stats = get_method(method).uses_input_stats  # ship the statistics only to methods that read them
-    jobs = [(p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed, p.folded_by,
-             p.input_stats if stats else None) for p in todo]
+
+    def job(p: LayerPlan) -> tuple:
+        # built when submitted: a float32 copy of every weight at once would double a large model's memory
+        return (p.name, mods[p.name].weight.detach().float().T.contiguous(), p.spec, method, seed, p.folded_by,
+                p.input_stats if stats else None)
+
     try:
         if workers == 1:
             threads = torch.get_num_threads()
             try:
-                for job in jobs:
-                    name, rec = _fit_one(*job)
+                for p in todo:
+                    name, rec = _fit_one(*job(p))
                     _finish(done, name, rec, on_fitted, bar)
             finally:
                 torch.set_num_threads(threads)
         else:
             ctx = mp.get_context("spawn")  # fork after torch started its thread pools can hang
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                futures = [pool.submit(_fit_one, *job) for job in jobs]
-                for fut in as_completed(futures):
-                    name, rec = fut.result()
-                    _finish(done, name, rec, on_fitted, bar)
+                queue, running = list(reversed(todo)), set()
+                while queue or running:
+                    while queue and len(running) < IN_FLIGHT_PER_WORKER * workers:
+                        running.add(pool.submit(_fit_one, *job(queue.pop())))
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        name, rec = fut.result()
+                        _finish(done, name, rec, on_fitted, bar)
     finally:
         bar.close()
     return done

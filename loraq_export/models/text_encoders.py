@@ -26,6 +26,7 @@ from torch import nn
 
 from loraq_export.errors import UserError
 from loraq_export.models.base import LoadedModel
+from loraq_export.models.stored_dtype import keep_linear_weights_stored
 
 # transformers class -> model kind. The pipelines' own classes: PixArtSigmaPipeline types its
 # text_encoder T5EncoderModel, SanaPipeline Gemma2PreTrainedModel (published: Gemma2Model).
@@ -110,7 +111,7 @@ def tokenizer_if_any(folder: Path):
 
 
 def load_text_encoder(folder: Path, cls_name: str, tokenizer_folder: Path, name: str, source: dict) -> LoadedModel:
-    """``cls_name`` from ``folder`` in the folder's stored dtype (then float32), its tokenizer from
+    """``cls_name`` from ``folder`` in the folder's stored dtype (Linear weights stay so, the rest float32), its tokenizer from
     ``tokenizer_folder``; every weight must be in the files (no random fill)."""
     from loraq_export.models.diffusion_folders import _check_weights
     cls = transformers_class(cls_name)
@@ -153,7 +154,10 @@ def make_text_encoder_model(module: nn.Module, tokenizer, name: str, source: Opt
     cls_name = type(module).__name__
     if cls_name not in SUPPORTED:
         raise UserError(f"unsupported text encoder class {cls_name!r}: supported are {supported_list()}")
-    module = module.float().eval()
+    # a 16-bit checkpoint keeps its Linear weights as stored, computed in float32 (stored_dtype.py):
+    # what makes a 4.7B T5-XXL fit in memory, with the float32 flow's results
+    keep_linear_weights_stored(module)
+    module.eval()
     vocab = int(module.config.vocab_size)
     texts = _prompts()
 
