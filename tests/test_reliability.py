@@ -337,6 +337,15 @@ def test_group_not_dividing_in_features_is_refused_per_layer(tmp_path, tiny_fold
     assert Q in q["skipped"] and "not divisible" in q["skipped"][Q]
 
 
+def test_a_group_no_layer_can_take_names_the_width_and_the_group():
+    from loraq_export.errors import UserError
+    from loraq_export.fit.plan import plan_layers
+    from loraq_export.fit.recipes import load_recipe
+    narrow = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    with pytest.raises(UserError, match="2 selected layer.*in_features \\(32 for 0\\).*group size 128 does not divide"):
+        plan_layers(narrow, load_recipe("w4a16-g128-r8-w8a8"), lambda n, m: (True, "selected"))
+
+
 # ------------------------------------------------------------------ all-zero rows and columns
 def test_all_zero_rows_columns_and_layers_export_cleanly(tmp_path):
     import onnx

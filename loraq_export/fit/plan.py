@@ -68,6 +68,12 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
                                 "lower the rank or exclude the layer")
         plans.append(LayerPlan(name, k, n, quantize, reason, spec))
     if not any(p.quantize for p in plans):
+        narrow = [p for p in plans if p.reason.startswith("in_features")]
+        if narrow:  # selected, but too narrow for the recipe's group size
+            raise UserError(f"no Linear layer of {model_name} can be quantized with recipe {recipe.name}: "
+                            f"{len(narrow)} selected layer(s) have in_features ({narrow[0].in_features} for "
+                            f"{narrow[0].name}) that group size {recipe.spec_for(narrow[0].name).main.weight.block_size(narrow[0].in_features)} "
+                            "does not divide; use a recipe with a group size that divides them")
         raise UserError(f"no Linear layer of {model_name} is selected for quantization; check the recipe's include/exclude patterns")
     return plans
 
