@@ -225,3 +225,21 @@ def test_bad_folders(tmp_path):
     _one_line_error(folder, "corrupted", "diffusion_pytorch_model.safetensors", "re-download")
     weights.unlink()
     _one_line_error(folder, "no weights file")
+
+
+def test_trajectory_statistics_follow_the_pipelines_scheduler(monkeypatch):
+    """LORAQ_STATS_TRAJECTORY=N: the inputs of N sampling runs of the FP model, 16 // N steps each,
+    at the scheduler's own timesteps (an opt-in experiment; the default draws random noise levels)."""
+    from loraq_export.evaluate.sampling import scheduler_for
+    loaded = make_diffusion_model(tiny("pixart-sigma"), "tiny")
+    monkeypatch.setenv("LORAQ_STATS_TRAJECTORY", "2")
+    batches = loaded.synthetic_batches(0)
+    sched = scheduler_for(loaded.kind)
+    sched.set_timesteps(8)
+    steps = [float(b[0][1][0]) for b, _ in zip(batches, range(16))]
+    assert len(batches) == 16 and steps == [float(t) for t in sched.timesteps] * 2
+    first, last = batches[0][0][0], batches[7][0][0]
+    assert first.shape == last.shape and not torch.equal(first, last)  # the latents moved along the run
+    monkeypatch.setenv("LORAQ_STATS_TRAJECTORY", "many")
+    with pytest.raises(UserError, match="LORAQ_STATS_TRAJECTORY"):
+        loaded.synthetic_batches(0)

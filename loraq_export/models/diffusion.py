@@ -220,6 +220,9 @@ def make_diffusion_model(module: nn.Module, name: str, source: dict | None = Non
     def synthetic_batches(seed: int = 0):
         """Example inputs at several seeds (noise levels, latents, text states): the statistics of
         a diffusion transformer's layers over its own input distribution."""
+        n = _trajectories()
+        if n:  # an experiment, not the default: tools/bench_stats_trajectory.py measured no gain
+            return trajectory_batches(wrapper, SUPPORTED[cls_name], make_inputs, seed, n)
         return [(make_inputs(seed=seed + i, batch=1, seq=SYNTHETIC_TOKENS), None) for i in range(SYNTHETIC_BATCHES)]
 
     src = {"class": cls_name, **(source or {})}
@@ -236,3 +239,33 @@ def make_diffusion_model(module: nn.Module, name: str, source: dict | None = Non
         synthetic_batches=synthetic_batches,
         source=src,
     )
+
+
+TRAJECTORY_ENV = "LORAQ_STATS_TRAJECTORY"
+
+
+def _trajectories() -> int:
+    import os
+    value = os.environ.get(TRAJECTORY_ENV, "")
+    if not value:
+        return 0
+    if not value.isdigit() or not 1 <= int(value) <= SYNTHETIC_BATCHES:
+        raise UserError(f"{TRAJECTORY_ENV}={value!r}: set it to a number of trajectories from 1 to {SYNTHETIC_BATCHES}, or unset it")
+    return int(value)
+
+
+@torch.no_grad()
+def trajectory_batches(wrapper, kind: str, make_inputs, seed: int, trajectories: int = 2) -> list:
+    """The model's inputs along its own sampling trajectories: ``trajectories`` runs of the
+    pipeline's scheduler from noise, SYNTHETIC_BATCHES // trajectories steps each."""
+    from loraq_export.evaluate.sampling import run_sampling_loop, scheduler_for
+    out = []
+    for i in range(trajectories):
+        inputs = make_inputs(seed=seed + i, batch=1, seq=SYNTHETIC_TOKENS)
+
+        def denoise(x, t, cond):
+            ts = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
+            out.append(((x.clone(), ts, *cond), None))
+            return wrapper(x, ts, *cond)
+        run_sampling_loop(denoise, scheduler_for(kind), inputs[0], inputs[2:], SYNTHETIC_BATCHES // trajectories)
+    return out
