@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from calibless.formats import WeightFormat
 from loraq_export.errors import UserError
-from loraq_export.models.stored_dtype import Float32ComputeLinear
+from loraq_export.models.stored_dtype import replacement_dtype
 
 PEER_METHODS = ("ort-rtn",)
 ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes a power of two >= 16
@@ -151,9 +151,7 @@ def replaced_weights(module: torch.nn.Module, weights_kn: dict[str, np.ndarray])
     saved = {name: mods[name].weight.data for name in weights_kn}
     try:
         for name, w in weights_kn.items():
-            keep32 = isinstance(mods[name], Float32ComputeLinear)  # a 16-bit stored weight: no rounding to 16 bits
-            mods[name].weight.data = torch.from_numpy(np.ascontiguousarray(w.T)).to(
-                torch.float32 if keep32 else saved[name].dtype)
+            mods[name].weight.data = torch.from_numpy(np.ascontiguousarray(w.T)).to(replacement_dtype(mods[name]))
         yield module
     finally:
         for name, w in saved.items():

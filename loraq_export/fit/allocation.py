@@ -20,13 +20,13 @@ import torch
 
 from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
 from calibless.input_stats import rotate_stats
-from loraq_export.fit.input_stats import resolve_stats
-from loraq_export.models.stored_dtype import Float32ComputeLinear
 from calibless.methods import get_method
 from calibless.rotation import Rotation
 from loraq_export.errors import UserError
+from loraq_export.fit.input_stats import resolve_stats
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
+from loraq_export.models.stored_dtype import replacement_dtype
 
 TARGET_GROUPS = {"ort": (32, 64, 128), "tensorrt": (64, 128)}
 RANKS = (0, 8, 16, 32, 64)
@@ -142,9 +142,7 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
             rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
             q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
             try:
-                # a float32 tensor in place of a 16-bit stored weight (models/stored_dtype.py) is not rounded
-                lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(
-                    torch.float32 if isinstance(lin, Float32ComputeLinear) else saved.dtype)
+                lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(replacement_dtype(lin))
                 cache[key] = float(((loaded.wrapper(*sample).float() - fp) ** 2).sum()) / energy
             finally:
                 lin.weight.data = saved

@@ -76,14 +76,12 @@ def collect_input_stats(module: nn.Module, names: Iterable[str], batches: list,
 # Models whose statistics do not fit in memory at once (a 4.7B T5-XXL: 15 GB of Gram matrices)
 # ----------------------------------------------------------------------------------------------
 STATS_MEMORY_FRACTION = 0.3  # of the memory available when the pass starts, for one group's Grams
+STATS_MEMORY_ENV = "LORAQ_STATS_MEMORY_MB"  # or this many megabytes
 
 
 def stats_bytes(k: int) -> int:
     """Memory of one layer's accumulator: the float32 Gram and the float64 sum."""
     return k * k * 4 + k * 8
-
-
-STATS_MEMORY_ENV = "LORAQ_STATS_MEMORY_MB"
 
 
 def stats_memory_limit() -> int:
@@ -123,8 +121,8 @@ class SpilledStats:
     fit's workers load their layer's own, so the whole set is never in memory at once. The folder
     is deleted when the last handle on it goes."""
 
-    def __init__(self, path: Path, folder, k: int, mean_square: torch.Tensor):
-        self.path, self._folder, self.k, self._mean_square = path, folder, k, mean_square
+    def __init__(self, path: Path, folder, mean_square: torch.Tensor):
+        self.path, self._folder, self._mean_square = path, folder, mean_square
 
     def load(self) -> InputStats:
         count, total, gram = torch.load(self.path, weights_only=True)
@@ -134,7 +132,7 @@ class SpilledStats:
         return self._mean_square
 
     def __getstate__(self):  # a worker process needs the path, not the folder's owner
-        return {"path": self.path, "_folder": None, "k": self.k, "_mean_square": self._mean_square}
+        return {"path": self.path, "_folder": None, "_mean_square": self._mean_square}
 
 
 def resolve_stats(stats) -> Optional[InputStats]:
@@ -162,7 +160,7 @@ def collect_in_groups(module: nn.Module, names: list[str], batches: list, run: C
             if id(s) not in written:
                 path = Path(folder.name) / f"{len(os.listdir(folder.name))}.pt"
                 torch.save((torch.tensor(s.count), s.total, s.gram), path)
-                written[id(s)] = SpilledStats(path, folder, s.total.shape[0], s.mean_square())
+                written[id(s)] = SpilledStats(path, folder, s.mean_square())
             out[n] = written[id(s)]
         del stats, written  # this group's Grams leave memory before the next pass
     return out

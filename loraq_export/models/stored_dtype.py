@@ -72,7 +72,8 @@ def upcast_remaining(module: nn.Module) -> int:
     return len(layers)
 
 
-def stored_linear_bytes(module: nn.Module) -> int:
-    """Bytes of Linear weights as held now (16-bit where kept)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules()
-               if isinstance(m, nn.Linear) and m.weight is not None)
+def replacement_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype for a weight swapped in through ``.data`` (a quantized peer's, a sensitivity
+    probe's): float32 in a 16-bit stored layer, which computes in float32 anyway, so the swapped
+    weight is not rounded to 16 bits; the layer's own dtype otherwise."""
+    return torch.float32 if isinstance(linear, Float32ComputeLinear) else linear.weight.dtype
