@@ -23,6 +23,7 @@ import torch
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..")]
 
 from loraq_export.models.random_text_encoders import build_gemma_tokenizer, build_t5_tokenizer  # noqa: E402
+from loraq_export.models.stored_dtype import kept_in_float32  # noqa: E402
 from loraq_export.models.text_encoder_presets import text_encoder_preset  # noqa: E402
 from loraq_export.models.text_encoders import config_for, reinit_, transformers_class  # noqa: E402
 
@@ -46,10 +47,9 @@ def main(argv=None) -> int:
         model = transformers_class(cls_name)(config_for(cls_name, config))
     model = model.to(DTYPES[args.dtype]).to_empty(device="cpu")
     model.tie_weights()
-    keep32 = tuple(model._keep_in_fp32_modules or ())
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and any(k in name.split(".") for k in keep32):
+            if isinstance(mod, torch.nn.Linear) and kept_in_float32(model, name):
                 mod.float()
             elif not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
                 for p in mod.parameters(recurse=False):
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     model.save_pretrained(tmp, max_shard_size="2GB")
     (build_t5_tokenizer() if cls_name == "T5EncoderModel" else build_gemma_tokenizer()).save_pretrained(tmp)
     os.replace(tmp, args.out)
-    print(f"{args.preset}: {params / 1e9:.3f}B parameters, {args.dtype} ({', '.join(keep32) or 'nothing'} float32) "
+    keep32 = ", ".join(model._keep_in_fp32_modules or ()) or "nothing"
+    print(f"{args.preset}: {params / 1e9:.3f}B parameters, {args.dtype} ({keep32} float32) "
           f"-> {args.out} in {time.perf_counter() - t:.0f} s")
     return 0
 

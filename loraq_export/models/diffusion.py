@@ -258,13 +258,13 @@ def _trajectories() -> int:
 def trajectory_batches(wrapper, kind: str, make_inputs, seed: int, trajectories: int = 2) -> list:
     """The model's inputs along its own sampling trajectories: ``trajectories`` runs of the
     pipeline's scheduler from noise, SYNTHETIC_BATCHES // trajectories steps each."""
-    from loraq_export.evaluate.sampling import run_sampling_loop, scheduler_for
+    from loraq_export.evaluate.sampling import _timesteps, run_sampling_loop, scheduler_for
     out = []
     for i in range(trajectories):
         inputs = make_inputs(seed=seed + i, batch=1, seq=SYNTHETIC_TOKENS)
 
         def denoise(x, t, cond):
-            ts = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
+            ts = _timesteps(t, x.shape[0])
             out.append(((x.clone(), ts, *cond), None))
             return wrapper(x, ts, *cond)
         run_sampling_loop(denoise, scheduler_for(kind), inputs[0], inputs[2:], SYNTHETIC_BATCHES // trajectories)

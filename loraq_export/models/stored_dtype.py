@@ -28,19 +28,25 @@ class Float32ComputeLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
+def kept_in_float32(module: nn.Module, name: str) -> bool:
+    """Whether the model class keeps submodule ``name`` in float32 itself (transformers'
+    ``_keep_in_fp32_modules``, matched on whole name parts as transformers does: T5's ``wo``)."""
+    keep32 = getattr(module, "_keep_in_fp32_modules", None) or ()
+    return any(k in name.split(".") for k in keep32)
+
+
 def keep_linear_weights_stored(module: nn.Module) -> int:
     """Make ``module`` float32 except the 16-bit weights of its Linear layers, which stay as they
     are and are upcast on each call. Layers the model class keeps in float32 itself
     (transformers' ``_keep_in_fp32_modules``: T5's ``wo``, whose input T5 casts to ``wo.weight``'s
     dtype) become float32 as well. Returns how many layers keep a 16-bit weight."""
-    keep32 = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     kept = 0
     for name, mod in module.named_modules():
         if isinstance(mod, Float32ComputeLinear):
             kept += 1
             continue
         if (type(mod) is nn.Linear and mod.weight.dtype in HALF_DTYPES
-                and not any(k in name.split(".") for k in keep32)):
+                and not kept_in_float32(module, name)):
             mod.__class__ = Float32ComputeLinear
             kept += 1
             if mod.bias is not None:
