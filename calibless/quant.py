@@ -78,20 +78,23 @@ def _expand(p: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt: WeightFormat) -> torch.Tensor:
-    """Integer codes (int16 tensor holding fmt's range; storage dtype is the caller's choice)."""
-    k = w.shape[0]
-    q = torch.round(w / _expand(scale, k))
+    """Integer codes (int16 tensor holding fmt's range; storage dtype is the caller's choice).
+    Computed on the blocked view with the (K / block, N) parameters broadcast: the same elementwise
+    operations as on expanded (K, N) copies, without building them."""
+    k, n = w.shape
+    g = k // scale.shape[0]
+    q = torch.div(_blocks(w, g), scale[:, None, :]).round_()
     if zero_point is not None:
-        q = q + _expand(zero_point, k)
-    return q.clamp(fmt.qmin, fmt.qmax).to(torch.int16)
+        q = q.add_(zero_point[:, None, :])
+    return q.clamp_(fmt.qmin, fmt.qmax).to(torch.int16).reshape(k, n)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> torch.Tensor:
-    k = codes.shape[0]
-    q = codes.to(scale.dtype)
+    k, n = codes.shape
+    q = _blocks(codes.to(scale.dtype), k // scale.shape[0])
     if zero_point is not None:
-        q = q - _expand(zero_point.to(scale.dtype), k)
-    return q * _expand(scale, k)
+        q = q - zero_point.to(scale.dtype)[:, None, :]
+    return (q * scale[:, None, :]).reshape(k, n)
 
 
 class _RoundSTE(torch.autograd.Function):

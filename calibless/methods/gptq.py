@@ -50,7 +50,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
     One factorisation: with J the reversal permutation and J H J = L L^T, U = J L^-1 J (upper, and
     U^T U = J L^-T L^-1 J = (J J H J J)^-1 = H^-1), where GPTQ's reference inverts H and factors the
-    inverse (three K^3-sized steps instead of two smaller ones: a 4608-wide layer's 46 s of 75 s)."""
+    inverse (three K^3-sized steps instead of two smaller ones: a 4608-wide layer's 46 s of 75 s).
+    L^-1 comes from LAPACK's triangular inverse (trtri, K^3/3 flops; torch exposes only a
+    triangular solve against the identity, K^3: 1.47 s against 0.27 s at K = 4608, one thread)."""
+    from scipy.linalg.lapack import get_lapack_funcs
+
     k = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean()) or 1.0
     eye = torch.eye(k, dtype=h.dtype)
@@ -58,8 +62,10 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     for extra in (1.0, 10.0, 100.0, 1000.0):
         chol, info = torch.linalg.cholesky_ex(flipped + eye * (damp * extra * mean_diag))
         if int(info) == 0:
-            inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            if bool(torch.isfinite(inv).all()):
+            c = chol.numpy()
+            inv, info = get_lapack_funcs("trtri", (c,))(c, lower=1)
+            inv = torch.from_numpy(inv).tril_()  # trtri leaves the untouched upper triangle as it was (zeros)
+            if int(info) == 0 and bool(torch.isfinite(inv).all()):
                 return inv.flip(0, 1)
     raise ValueError("the input covariance does not factor even when damped; check the model's inputs")
 

@@ -35,7 +35,9 @@ from calibless.record import Branch, LayerRecord, QTensor, down_format, up_forma
 
 @dataclass(frozen=True)
 class LoraqOptions:
-    init_iters: int = 4  # alternating "quantize residual / SVD" iterations of the initialisation
+    # alternating "quantize residual / SVD" iterations of the initialisation (4 measured no better
+    # than 2 end to end, docs/methods.md "Fitting time")
+    init_iters: int = 2
     steps: int = 80  # gradient steps after it (0: the alternating solution with clipping search)
     lr: float = 0.1  # Adam learning rate, relative to each parameter's RMS
     # with the layer's input statistics (commands gather them from the model's synthetic inputs):
@@ -43,45 +45,43 @@ class LoraqOptions:
     input_stats: bool = True
 
 
-CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
+# 0.1 apart: a 0.05 grid and zero points searched one step either side (27 candidates per block
+# instead of 5) cost 2-3x the initialisation's time and measured no better end to end
+# (docs/methods.md "Fitting time")
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
 
 
-ZERO_SHIFTS = (-1, 0, 1)  # asymmetric grids: zero points tried around the min/max one
-
-
 def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tuple[QTensor, torch.Tensor]:
-    """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales; for
-    asymmetric grids also zero points one step either side), then a least-squares refit of each
-    block's scale. Returns the quantized tensor and each block's chosen ratio to its min/max scale."""
+    """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales; an
+    asymmetric grid keeps its min/max zero point), then a least-squares refit of each block's
+    scale. Returns the quantized tensor and each block's chosen ratio to its min/max scale."""
     base, zp = choose_qparams(r, fmt)
     k, n = r.shape
     blocks = r.reshape(base.shape[0], -1, n)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
-    best_z = None if zp is None else zp.clone()
 
-    def block_err(s, z):
-        q = torch.round(blocks / s[:, None, :])
-        q = torch.clamp(q, fmt.qmin, fmt.qmax) if z is None else torch.clamp(q + z[:, None, :], fmt.qmin, fmt.qmax) - z[:, None, :]
-        return ((q * s[:, None, :] - blocks) ** 2).sum(1), q
+    # clamp(c + z, qmin, qmax) - z as one clamp (the same numbers: codes are integer-valued floats)
+    lo, hi = (fmt.qmin, fmt.qmax) if zp is None else (fmt.qmin - zp[:, None, :], fmt.qmax - zp[:, None, :])
 
-    for shift in ((0,) if zp is None else ZERO_SHIFTS):
-        z = None if zp is None else torch.clamp(zp + shift, fmt.qmin, fmt.qmax)
-        for c in ratios:
-            cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
-            err, _ = block_err(cand, z)
-            better = err < best_err
-            best = torch.where(better, cand, best)
-            best_z = None if z is None else torch.where(better, z, best_z)
-            best_err = torch.where(better, err, best_err)
-    _, q = block_err(best, best_z)
+    def block_err(s):
+        q = torch.div(blocks, s[:, None, :]).round_().clamp_(lo, hi)
+        return torch.mul(q, s[:, None, :]).sub_(blocks).square_().sum(1), q
+
+    for c in ratios:
+        cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
+        err, _ = block_err(cand)
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    _, q = block_err(best)
     qq = (q * q).sum(1)
     ls = torch.where(qq > 0, (q * blocks).sum(1) / qq.clamp_min(1e-30), best)
     ls = torch.where(ls * best > 0, ls, best)  # keep each block's sign (scales may be negative)
-    err_ls, _ = block_err(ls, best_z)
+    err_ls, _ = block_err(ls)
     best = torch.where(err_ls < best_err, ls, best)
-    return QTensor.from_float(r, fmt, scale=best, zero_point=best_z), best / base
+    return QTensor.from_float(r, fmt, scale=best, zero_point=zp), best / base
 
 
 class _ClipSearch:
@@ -127,7 +127,9 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     k = w.shape[0]
     g = fmt.block_size(k)
     z = None if main.zero_point is None else main.zero_point.float()  # asymmetric grids: zero points held
-    zb = None if z is None else z[:, None, :]
+    # the code range with the zero point folded in: clamp(c + z, qmin, qmax) - z in one pass, the same
+    # numbers (integer-valued floats)
+    lo, hi = (fmt.qmin, fmt.qmax) if z is None else (fmt.qmin - z[:, None, :], fmt.qmax - z[:, None, :])
     best = (*_deployed(w, main.scale, a, b, spec, z), a, b)
     sign = main.scale.sign()  # signed scales keep their sign; Adam moves log |s|
     A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
@@ -139,6 +141,9 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     opt = _CosineAdam(params, [lr * rms_a, lr * rms_b, lr], steps)
     eval_every = max(1, steps // 8)
     wb = w.reshape(k // g, g, -1)  # blocked view: scales broadcast instead of being expanded
+    # three layer-sized buffers written in place each step: fresh temporaries of a large layer cost
+    # more in page faults than the arithmetic (1.3-1.9x per step on 4608-wide layers)
+    e, codes, tmp = torch.empty_like(wb), torch.empty_like(wb), torch.empty_like(wb)
     with torch.no_grad():
         for step in range(1, steps + 1):
             A, B, log_s = params
@@ -146,13 +151,12 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             sc = scale[:, None, :]
             aq = A if fa is None else fake_quant_weight(A, fa)
             bq = B if fb is None else fake_quant_weight(B, fb)
-            r = wb - (aq @ bq).reshape_as(wb)
-            codes = torch.round(r / sc)
-            codes = codes.clamp_(fmt.qmin, fmt.qmax) if zb is None else codes.add_(zb).clamp_(fmt.qmin, fmt.qmax).sub_(zb)
-            e = r.sub_(codes * sc)  # the error W - codes*s - AqBq, in r's memory
-            grad_s = (e * codes).sum(1).mul_(-2 * scale)
-            e = e.reshape(k, -1)
-            opt.step([(e @ bq.T).mul_(-2), (aq.T @ e).mul_(-2), grad_s])
+            torch.sub(wb, torch.matmul(aq, bq, out=tmp.view_as(w)).view_as(wb), out=e)
+            torch.div(e, sc, out=codes).round_().clamp_(lo, hi)
+            e.sub_(torch.mul(codes, sc, out=tmp))  # the error W - codes*s - AqBq
+            grad_s = torch.linalg.vecdot(e, codes, dim=1).mul_(-2 * scale)
+            e2 = e.view_as(w)
+            opt.step([(e2 @ bq.T).mul_(-2), (aq.T @ e2).mul_(-2), grad_s])
             if step % eval_every == 0 or step == steps:
                 cand = _deployed(w, sign * params[2].exp(), params[0], params[1], spec, z)
                 if cand[0] < best[0]:
