@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from loraq_export.cli import main
-from loraq_export.fit.input_stats import (SpilledStats, model_input_stats, resolve_stats, stats_bytes,
-                                          stats_groups)
+from loraq_export.fit.input_stats import (SpilledStats, layers_sharing_an_input, model_input_stats, resolve_stats,
+                                          stats_bytes, stats_groups)
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.prepare import prepare_fit
 from loraq_export.fit.recipes import load_recipe
@@ -69,6 +69,10 @@ def test_statistics_in_groups_equal_one_pass_and_the_fit_is_unchanged(t5_bf16):
         a, b = one[n], resolve_stats(spilled[n])
         assert a.count == b.count > 0 and torch.equal(a.gram, b.gram) and torch.equal(a.total, b.total), n
     assert len(stats_groups(names, {n: 32 for n in names}, ONE_LAYER)) == len(names)
+    # k and v read q's input, wi_1 reads wi_0's (gated T5 v1.1): they share its accumulator, no group of their own
+    sharing = layers_sharing_an_input(loaded.module, names, loaded.synthetic_batches(0)[0], lambda i: loaded.wrapper(*i))
+    assert sharing == {n for n in names if n.endswith((".k", ".v", ".wi_1"))} and sharing
+    assert len(stats_groups(names, {n: 32 for n in names}, ONE_LAYER, sharing)) == len(names) - len(sharing)
 
     import loraq_export.fit.input_stats as input_stats
     results = []

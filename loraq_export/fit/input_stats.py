@@ -101,13 +101,14 @@ def stats_memory_limit() -> int:
     return max(64 << 20, int(avail * STATS_MEMORY_FRACTION))
 
 
-def stats_groups(names: list[str], widths: dict[str, int], limit: int) -> list[list[str]]:
+def stats_groups(names: list[str], widths: dict[str, int], limit: int,
+                 sharing: frozenset = frozenset()) -> list[list[str]]:
     """``names`` (in model order) cut into consecutive groups whose accumulators fit ``limit`` (a
-    layer that alone exceeds it is a group of its own). Layers that share an input are counted
-    once each: an overestimate, never an underestimate."""
+    layer that alone exceeds it is a group of its own). A layer in ``sharing`` reads the input of an
+    earlier layer (attention's q, k, v) and shares its accumulator: it costs nothing."""
     groups, size = [[]], 0
     for n in names:
-        b = stats_bytes(widths[n])
+        b = 0 if n in sharing else stats_bytes(widths[n])
         if groups[-1] and size + b > limit:
             groups.append([])
             size = 0
@@ -140,13 +141,44 @@ def resolve_stats(stats) -> Optional[InputStats]:
     return stats.load() if isinstance(stats, SpilledStats) else stats
 
 
+@torch.no_grad()
+def layers_sharing_an_input(module: nn.Module, names: list[str], batch: tuple, run: Callable[[tuple], object]) -> frozenset:
+    """The layers of ``names`` that read the same input tensor as an earlier one, seen on one
+    forward of ``batch``. A tensor is known by its storage, shape, strides and sums: the probe holds
+    no activations, so a freed tensor's memory may be reused, and the sums tell those apart."""
+    mods = dict(module.named_modules())
+    seen: dict = {}
+    sharing = set()
+
+    def hook(name: str):
+        def pre(mod, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), float(x.float().sum()), float(x.float().abs().sum()))
+            if key in seen:
+                sharing.add(name)
+            else:
+                seen[key] = name
+        return pre
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        run(batch[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return frozenset(sharing)
+
+
 def collect_in_groups(module: nn.Module, names: list[str], batches: list, run: Callable[[tuple], object],
                       limit: int, progress: bool = False) -> dict:
     """The statistics of ``names``, one forward pass per group of layers whose accumulators fit in
     ``limit`` bytes (each pass stops after its group's last layer), written to a temporary folder
     between groups. One group: the statistics themselves, in memory, as ``collect_input_stats``."""
     mods = dict(module.named_modules())
-    groups = stats_groups(names, {n: mods[n].in_features for n in names}, limit)
+    widths = {n: mods[n].in_features for n in names}
+    groups = stats_groups(names, widths, limit)
+    if len(groups) > 1 and batches:  # one forward learns which layers share an input: fewer passes
+        groups = stats_groups(names, widths, limit, layers_sharing_an_input(module, names, batches[0], run))
     if len(groups) == 1:
         return collect_input_stats(module, names, batches, run, progress)
     folder = tempfile.TemporaryDirectory(prefix="loraq-stats-")
