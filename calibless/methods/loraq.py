@@ -35,9 +35,7 @@ from calibless.record import Branch, LayerRecord, QTensor, down_format, up_forma
 
 @dataclass(frozen=True)
 class LoraqOptions:
-    # alternating "quantize residual / SVD" iterations of the initialisation (4 measured no better
-    # than 2 end to end, docs/methods.md "Fitting time")
-    init_iters: int = 2
+    init_iters: int = 4  # alternating "quantize residual / SVD" iterations of the initialisation
     steps: int = 80  # gradient steps after it (0: the alternating solution with clipping search)
     lr: float = 0.1  # Adam learning rate, relative to each parameter's RMS
     # with the layer's input statistics (commands gather them from the model's synthetic inputs):

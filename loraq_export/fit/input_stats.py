@@ -49,7 +49,7 @@ def collect_input_stats(module: nn.Module, names: Iterable[str], batches: list,
                 state["added"].add(id(stats))
                 rows = x.detach().reshape(-1, x.shape[-1]).float()
                 mask = state["mask"]
-                stats.add(rows[mask] if mask is not None and mask.numel() == rows.shape[0] else rows)
+                stats.add(rows[mask] if mask is not None and mask.numel() == rows.shape[0] else rows, lower_only=True)
             if stop_early and len(state["seen"]) == len(names):
                 raise _GroupDone
         return pre
@@ -69,6 +69,8 @@ def collect_input_stats(module: nn.Module, names: Iterable[str], batches: list,
     if missing:
         raise ValueError(f"layer {missing[0]} was never called on the synthetic inputs; exclude it or use a method "
                          "without input statistics")
+    for stats in {id(s): s for s in by_name.values()}.values():
+        stats.fill_upper()
     return by_name
 
 
