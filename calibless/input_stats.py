@@ -48,7 +48,7 @@ class InputStats:
         self.count += x.shape[0]
         self.total += x.double().sum(0)
         k = x.shape[1]
-        if not lower_only or k < 4 * GRAM_MIN_BLOCK:
+        if not lower_only or k < GRAM_BLOCK_ROWS * GRAM_MIN_BLOCK:
             self.gram += x.T @ x
             return
         edges = [k * i // GRAM_BLOCK_ROWS for i in range(GRAM_BLOCK_ROWS + 1)]
@@ -58,8 +58,7 @@ class InputStats:
     def fill_upper(self) -> None:
         """Make the Gram whole after ``add(x, lower_only=True)``: its lower triangle mirrored above
         the diagonal (exactly symmetric; adding the zeros of the other triangle is exact)."""
-        if self.gram.shape[0] >= 4 * GRAM_MIN_BLOCK:
-            self.gram.copy_(torch.tril(self.gram) + torch.tril(self.gram, -1).T)
+        self.gram.copy_(torch.tril(self.gram) + torch.tril(self.gram, -1).T)
 
     @property
     def mean(self) -> torch.Tensor:

@@ -50,6 +50,14 @@ CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
 
 
+def code_range(fmt: WeightFormat, zero_point):
+    """Bounds for the codes ``round(x / s)`` before the zero point is added: clamping to them is
+    clamp(c + z, qmin, qmax) - z in one pass, the same numbers (codes are integer-valued floats)."""
+    if zero_point is None:
+        return fmt.qmin, fmt.qmax
+    return fmt.qmin - zero_point[:, None, :], fmt.qmax - zero_point[:, None, :]
+
+
 def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tuple[QTensor, torch.Tensor]:
     """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales; an
     asymmetric grid keeps its min/max zero point), then a least-squares refit of each block's
@@ -60,8 +68,7 @@ def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tupl
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
 
-    # clamp(c + z, qmin, qmax) - z as one clamp (the same numbers: codes are integer-valued floats)
-    lo, hi = (fmt.qmin, fmt.qmax) if zp is None else (fmt.qmin - zp[:, None, :], fmt.qmax - zp[:, None, :])
+    lo, hi = code_range(fmt, zp)
 
     def block_err(s):
         q = torch.div(blocks, s[:, None, :]).round_().clamp_(lo, hi)
@@ -125,9 +132,7 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     k = w.shape[0]
     g = fmt.block_size(k)
     z = None if main.zero_point is None else main.zero_point.float()  # asymmetric grids: zero points held
-    # the code range with the zero point folded in: clamp(c + z, qmin, qmax) - z in one pass, the same
-    # numbers (integer-valued floats)
-    lo, hi = (fmt.qmin, fmt.qmax) if z is None else (fmt.qmin - z[:, None, :], fmt.qmax - z[:, None, :])
+    lo, hi = code_range(fmt, z)
     best = (*_deployed(w, main.scale, a, b, spec, z), a, b)
     sign = main.scale.sign()  # signed scales keep their sign; Adam moves log |s|
     A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
