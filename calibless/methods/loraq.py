@@ -126,6 +126,12 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     matrix products over the layer, and this halves its cost): with E the error matrix and the
     codes held constant, dL/d(AqBq) = -2E (the straight-through estimator carries it to A and B
     through their own quantizers) and dL/ds = -2 sum_block(E * codes).
+
+    The error each step computes is the deployed error of the current iterate: the branch
+    fake-quantized exactly as ``Branch.from_float`` stores it and the main codes rounded from
+    what it leaves, as ``_deployed`` does. So the best iterate is picked from the step's own
+    ||E|| (one reduction) and the layer is rounded and stored once, at the end, instead of at
+    every checkpoint (that was 10-17% of a large layer's fit).
     """
     fmt = spec.main.weight
     fa, fb = _branch_formats(spec, w.shape[0])
@@ -133,12 +139,10 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     g = fmt.block_size(k)
     z = None if main.zero_point is None else main.zero_point.float()  # asymmetric grids: zero points held
     lo, hi = code_range(fmt, z)
-    best = (*_deployed(w, main.scale, a, b, spec, z), a, b)
     sign = main.scale.sign()  # signed scales keep their sign; Adam moves log |s|
-    A, B, log_s = a.clone(), b.clone(), main.scale.abs().log().clone()
+    params = [a.clone(), b.clone(), main.scale.abs().log().clone()]
     rms_a = float(a.pow(2).mean().sqrt()) or 1.0
     rms_b = float(b.pow(2).mean().sqrt()) or 1.0
-    params = [A, B, log_s]
     # Cosine decay: large early steps let codes re-round and escape the alternating fixed
     # point; the small late steps settle on a good joint solution.
     opt = _CosineAdam(params, [lr * rms_a, lr * rms_b, lr], steps)
@@ -147,8 +151,9 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     # three layer-sized buffers written in place each step: fresh temporaries of a large layer cost
     # more in page faults than the arithmetic (1.3-1.9x per step on 4608-wide layers)
     e, codes, tmp = torch.empty_like(wb), torch.empty_like(wb), torch.empty_like(wb)
+    best_err, best = float("inf"), params
     with torch.no_grad():
-        for step in range(1, steps + 1):
+        for step in range(steps + 1):  # step i sees the iterate after i updates
             A, B, log_s = params
             scale = sign * log_s.exp()
             sc = scale[:, None, :]
@@ -157,14 +162,17 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
             torch.sub(wb, torch.matmul(aq, bq, out=tmp.view_as(w)).view_as(wb), out=e)
             torch.div(e, sc, out=codes).round_().clamp_(lo, hi)
             e.sub_(torch.mul(codes, sc, out=tmp))  # the error W - codes*s - AqBq
+            if step % eval_every == 0 or step == steps:
+                err = float(torch.linalg.vector_norm(e))
+                if err < best_err:
+                    best_err, best = err, [p.clone() for p in params]
+            if step == steps:
+                break
             grad_s = torch.linalg.vecdot(e, codes, dim=1).mul_(-2 * scale)
             e2 = e.view_as(w)
             opt.step([(e2 @ bq.T).mul_(-2), (aq.T @ e2).mul_(-2), grad_s])
-            if step % eval_every == 0 or step == steps:
-                cand = _deployed(w, sign * params[2].exp(), params[0], params[1], spec, z)
-                if cand[0] < best[0]:
-                    best = (*cand, params[0].clone(), params[1].clone())
-    return best
+    A, B, log_s = best
+    return (*_deployed(w, sign * log_s.exp(), A, B, spec, z), A, B)
 
 
 class _CosineAdam:
