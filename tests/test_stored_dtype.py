@@ -18,6 +18,7 @@ from loraq_export.fit.recipes import load_recipe
 from loraq_export.models import load_model
 from loraq_export.models.pipeline_folders import write_pipeline_folder
 from loraq_export.models.stored_dtype import Float32ComputeLinear
+from loraq_export.models.random_text_encoders import TINY_GEMMA2, TINY_T5
 from loraq_export.models.text_encoders import load_tokenizer, make_text_encoder_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -110,3 +111,30 @@ def test_bad_stats_memory_setting_is_one_line(t5_bf16, tmp_path, monkeypatch, ca
     out = tmp_path / "out"
     assert main(["export", str(t5_bf16), "--recipe", RECIPE, "--out", str(out), "--no-progress"]) == 2
     assert "LORAQ_STATS_MEMORY_MB" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("cls_name,config", [("T5EncoderModel", {**TINY_T5, "vocab_size": 300}),
+                                             ("Gemma2Model", {**TINY_GEMMA2, "vocab_size": 300})])
+def test_preset_by_name_is_built_in_bf16_and_equals_its_written_folder(cls_name, config, tmp_path, monkeypatch):
+    """A preset by name holds its Linear weights in bfloat16 (a full T5-XXL: 9.5 GB, not 19 in
+    float32) and is tensor for tensor the folder tools/write_text_encoder_folder.py writes."""
+    import importlib.util
+    import pathlib
+    from loraq_export.models import text_encoder_presets
+    monkeypatch.setitem(text_encoder_presets.TEXT_ENCODER_PRESETS, "tiny", (cls_name, config))
+    by_name = load_model("tiny", None, 3, None)
+    lin = {n: m for n, m in by_name.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert lin and all(m.weight.dtype == torch.bfloat16 for n, m in lin.items() if not n.endswith(".wo"))
+    tool = pathlib.Path(__file__).parents[1] / "tools" / "write_text_encoder_folder.py"
+    spec = importlib.util.spec_from_file_location("write_text_encoder_folder", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["tiny", str(tmp_path / "enc"), "--seed", "3"]) == 0
+    folder = load_model(str(tmp_path / "enc"), None, 3, None)
+    a, b = by_name.module.state_dict(), folder.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(by_name.module.buffers(), folder.module.buffers()))
+    ids = torch.randint(5, 300, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(by_name.wrapper(ids, mask), folder.wrapper(ids, mask))

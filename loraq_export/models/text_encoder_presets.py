@@ -4,7 +4,7 @@
   d_kv 64, num_heads 64, num_layers 24, vocab_size 32128, feed_forward_proj "gated-gelu",
   relative_attention_num_buckets 32, layer_norm_epsilon 1e-6), PixArt-Sigma's text_encoder
   (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, text_encoder/config.json, T5EncoderModel):
-  4.76B parameters, 19 GB in float32.
+  4.76B parameters, 19 GB in float32, 9.5 GB as presets are built (bfloat16).
 - ``gemma-2-2b``: google/gemma-2-2b(-it), SANA's text_encoder (Gemma2Model): the defaults of
   transformers' ``Gemma2Config`` (models/gemma2/configuration_gemma2.py: vocab 256000, hidden
   2304, intermediate 9216, 26 layers, 8 heads, 4 key-value heads, head_dim 256, sliding window
@@ -50,6 +50,9 @@ def text_encoder_preset(name: str, num_layers: int | None = None) -> tuple[str, 
 
 
 def build_text_encoder_preset(name: str, num_layers: int | None = None, seed: int = 0):
-    from loraq_export.models.text_encoders import build_from_config
+    """In bfloat16, as the published checkpoints are used (PixArt-Sigma and SANA load their text
+    encoders in a 16-bit dtype): what ``tools/write_text_encoder_folder.py`` writes, so a preset by
+    name and its folder give the same results, and the full T5-XXL takes 9.5 GB, not 19."""
+    from loraq_export.models.text_encoders import build_stored
     cls_name, config = text_encoder_preset(name, num_layers)
-    return build_from_config(cls_name, config, seed)
+    return build_stored(cls_name, config, seed)
