@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -162,6 +163,52 @@ def _build_module(config: dict, path: Path):
     raise UserError(f"checkpoint {path}: config.json names neither a diffusers class nor a transformers model_type")
 
 
+@contextmanager
+def _parameters_on_meta():
+    """Modules built inside hold their parameters on the meta device (no memory, no init cost);
+    buffers are made as usual, so the tables a model computes in ``__init__`` and does not save
+    (rotary frequencies) are right. The technique of accelerate's
+    ``init_empty_weights(include_buffers=False)``: wrap ``Module.register_parameter``. A
+    checkpoint's quantized layers replace their float weights, so those are never materialized
+    (a full T5-XXL built in float32 would take 19 GB for weights nobody reads)."""
+    from torch import nn
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one already (weights tied after the build) stays itself
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _tied_names(module) -> dict[str, str]:
+    """Names under which a tensor already listed appears again (tied weights: T5's
+    ``encoder.embed_tokens`` is its ``shared``) -> the first name; by identity, since meta
+    tensors have no storage to compare."""
+    first, tied = {}, {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            tied[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return tied
+
+
+def _retie(module, tied: dict[str, str]) -> None:
+    """``load_state_dict(assign=True)`` puts the loaded tensor under the first name only: point
+    each tied name at it again."""
+    for name, source in tied.items():
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        value = module.get_parameter(source) if attr in sub._parameters else module.get_buffer(source)
+        setattr(sub, attr, value)
+
+
 def load_checkpoint(path: Path):
     """Rebuild (LoadedModel with the quantized layers swapped in, records, recipe dict, qconfig)."""
     from safetensors import SafetensorError
@@ -178,7 +225,8 @@ def load_checkpoint(path: Path):
         raise UserError(f"{weights} is corrupted or truncated ({str(e).splitlines()[0]}); re-run loraq quantize") from None
     from loraq_export.inputs import check_finite
     check_finite(sorted(tensors.items()), f"checkpoint {path}", "the checkpoint is damaged, re-run loraq quantize")
-    module = _build_module(config, path).float().eval()
+    with _parameters_on_meta():
+        module = _build_module(config, path).eval()
     records, replaced = {}, set()
     try:
         for name, meta in q["layers"].items():
@@ -186,17 +234,24 @@ def load_checkpoint(path: Path):
             replaced.add(f"{name}.weight")
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path}: quantization_config disagrees with its tensors ({e}); re-run loraq quantize") from None
-    own = {k: v for k, v in tensors.items() if k in module.state_dict()}
-    expected = set(module.state_dict()) - replaced - set(tied_aliases(module.state_dict()))
+    state, tied = module.state_dict(keep_vars=True), _tied_names(module)
+    own = {k: v for k, v in tensors.items() if k in state}
+    expected = set(state) - replaced - set(tied)
     missing = sorted(expected - set(own))
     if missing:
         raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {missing[0]}); "
                         "the checkpoint does not match its config, re-run loraq quantize")
     try:
-        module.load_state_dict(own, strict=False)
+        module.load_state_dict(own, strict=False, assign=True)
     except RuntimeError as e:  # a tensor whose shape the config does not give
         raise UserError(f"checkpoint {path}: its tensors do not fit the model its config describes "
                         f"({' '.join(str(e).split())[:300]}); re-run loraq quantize") from None
+    _retie(module, {k: v for k, v in tied.items() if k not in own})
+    module.float()
+    still_meta = sorted(k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta and k not in replaced)
+    if still_meta:
+        raise UserError(f"checkpoint {path}: {len(still_meta)} tensors of the model are missing (first: {still_meta[0]}); "
+                        "the checkpoint does not match its config, re-run loraq quantize")
     for name, rec in records.items():
         try:
             lin = module.get_submodule(name)
