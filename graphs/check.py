@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES, TRT_INT4_BLOCK_SIZES
 from graphs.nodes import attr, producer, quiet
+from graphs.protos import export_model
 from graphs.runtime import ort_optimized
 from graphs.tensors import const_array, const_dtype
 
@@ -239,7 +240,7 @@ def _trt_weight(dq: gs.Node, name: str, dtype) -> list:
 def check_graph(graph: gs.Graph, target: str, model: onnx.ModelProto = None) -> list:
     if target == "ort":
         static = ort_graph_rules(graph)
-        dynamic = ort_session_rules(model if model is not None else gs.export_onnx(graph), graph, static)
+        dynamic = ort_session_rules(model if model is not None else export_model(graph), graph, static)
         if any(v.rule == "ort-session" for v in dynamic):
             return static + dynamic
         # ORT decides: a static finding that did not stop the fusion (e.g. a float Cast that ORT

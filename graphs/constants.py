@@ -6,6 +6,10 @@ activation-scale floor, the group sizes), tests/test_constants.py checks the two
 import ml_dtypes
 import numpy as np
 
+# Protobuf cannot serialize a message over 2 GiB: a model above this goes to disk with its
+# weights in an external data file (ONNX "external data"; https://onnx.ai/onnx/repo-docs/ExternalData.html).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
 # INT4 / UINT4 tensors and QuantizeLinear / DequantizeLinear with block_size need opset 21.
 OPSET = 21
 

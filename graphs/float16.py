@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from graphs.protos import copy_model
+
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal, 6.1e-5
 
@@ -114,8 +116,7 @@ def float32_region(model: onnx.ModelProto, floats: set = None, keep=()) -> set:
 def to_float16(model: onnx.ModelProto, keep=()) -> onnx.ModelProto:
     """A copy of ``model`` computing in float16 except where float32 is needed (see the module
     docstring); ``keep``: node-name regular expressions of nodes the model computes in float32."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     g = out.graph
     floats = _float_values(out)
     keep = float32_region(out, floats, keep)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphs.protos import copy_model
 from graphs.qdq import lora_slots
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -71,8 +72,7 @@ def fill_slots(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
 
 def overridable(model: onnx.ModelProto, slots: Optional[dict] = None) -> onnx.ModelProto:
     """A copy of ``model`` whose slot initializers are also graph inputs (ONNX Runtime overrides)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     slots = lora_slots(out) if slots is None else slots
     have = {i.name for i in out.graph.input}
     for layer, (k, n, rank) in slots.items():

@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphs.constants import ACT_SCALE_EPS, OPSET, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from graphs.protos import export_model
 from graphs.tensors import QuantizedWeight, constant, dq_layout
 
 
@@ -217,7 +218,7 @@ def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.Mode
     if missing:
         raise KeyError(f"quantized layers with no placeholder in the graph: {sorted(missing)[:5]}")
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = export_model(graph)
     del out.opset_import[:]
     out.opset_import.extend([onnx.helper.make_opsetid("", OPSET)])
     out.ir_version = model.ir_version

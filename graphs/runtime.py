@@ -12,6 +12,9 @@ from typing import Optional, Sequence, Union
 
 import onnx
 
+from graphs.constants import EXTERNAL_DATA_THRESHOLD
+from graphs.protos import copy_model, serialized_size, write_model
+
 
 def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int] = 0, threads: Optional[int] = None,
                 spinning: Optional[bool] = None, optimized_path: Optional[str] = None,
@@ -36,8 +39,17 @@ def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int
         so.optimized_model_filepath = optimized_path
         if external_initializers:
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_initializers)
-    src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, so, providers=list(providers or ["CPUExecutionProvider"]))
+    providers = list(providers or ["CPUExecutionProvider"])
+    if isinstance(model, str):
+        return ort.InferenceSession(model, so, providers=providers)
+    if serialized_size(model) <= EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    # too large to serialize: ONNX Runtime reads it from disk, weights as external data (they are
+    # read or mapped while the session is built, so the files may go once it exists)
+    with tempfile.TemporaryDirectory(prefix="loraq-ort-", ignore_cleanup_errors=True) as d:
+        path = os.path.join(d, "model.onnx")
+        write_model(model, path, external=True)
+        return ort.InferenceSession(path, so, providers=providers)
 
 
 def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -45,8 +57,8 @@ def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "in.onnx")
-        big = model.ByteSize() > (1 << 30)
-        onnx.save(model, src, save_as_external_data=big, location="in.onnx.data" if big else None)
+        big = serialized_size(model) > (1 << 30)  # the optimized graph may grow: its own weights go external too
+        write_model(model, src, external=big)
         out = os.path.join(d, "optimized.onnx")
         ort_session(src, accuracy_level=None, optimized_path=out,
                     optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -56,8 +68,7 @@ def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the named intermediate (float) tensors."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     have = {o.name for o in out.graph.output}
     for n in names:
         if n not in have:

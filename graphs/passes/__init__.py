@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphs.nodes import quiet
+from graphs.protos import export_model
 
 GraphPass = Callable[[gs.Graph], gs.Graph]
 PASSES: dict[str, GraphPass] = {}
@@ -41,7 +42,7 @@ def run_passes(graph: gs.Graph, names: Iterable[str]) -> gs.Graph:
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` keeping ``like``'s IR version and opset imports (plus any the graph added)."""
     with quiet():
-        out = gs.export_onnx(graph.cleanup().toposort())
+        out = export_model(graph.cleanup().toposort())
     have = {o.domain: o.version for o in like.opset_import}
     extra = [o for o in out.opset_import if o.domain not in have]
     del out.opset_import[:]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.passes import register_pass
 from graphs.nodes import attr, const_key, detach, is_graph_output, log, producer, quiet, replace_uses
+from graphs.passes import register_pass
+from graphs.protos import export_model
 
 
 def _same_input(a, b) -> bool:
@@ -88,7 +89,7 @@ def remove_redundant_qdq(graph: gs.Graph) -> gs.Graph:
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
     with quiet():
-        model = gs.export_onnx(graph)
+        model = export_model(graph)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - shape inference is a convenience, not a requirement

@@ -10,7 +10,7 @@ from loraq_export.commands.source import load_source
 from loraq_export.fit.lora import merged_in_float
 from loraq_export.errors import UserError
 from loraq_export.evaluate.quality import embedding_quality, fp_embeddings
-from loraq_export.export.deploy import build_deployable_onnx, validation_batches
+from loraq_export.export.deploy import build_deployable_onnx, release_freed_memory, validation_batches
 from loraq_export.export.onnx_export import export_graph, save_onnx
 from loraq_export.fit.parallel import fit_layers
 from loraq_export.fit.swap import quantized
@@ -49,6 +49,9 @@ def run_export(opts: Options, echo=print) -> dict:
                     raise UserError("--fp-onnx needs the FP original, which this checkpoint's source no longer provides")
                 with timer("export_fp"):
                     save_onnx(export_graph(fp, fp.make_inputs(seed=opts.seed, batch=2))[0], stage / "model_fp.onnx")
+        if fp is not loaded:  # a checkpoint's FP original (9.5 GB for T5-XXL): what it was needed for is taken
+            src.fp = fp = None
+            release_freed_memory()
         if records is None:
             with timer("fit"):
                 records = fit_layers(loaded.module, src.plans, src.recipe.method, seed=opts.seed,

@@ -14,6 +14,7 @@ import time
 
 import onnx
 
+from graphs.protos import copy_model
 from graphs.runtime import ort_session
 from loraq_export.fit.parallel import default_workers
 
@@ -24,8 +25,7 @@ ROUNDS = 20
 
 def with_accuracy_level(model: onnx.ModelProto, level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
     """A copy whose MatMulNBits nodes (ONNX Runtime's quantizer's output) carry ``accuracy_level``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     for node in out.graph.node:
         if node.op_type == "MatMulNBits":
             kept = [a for a in node.attribute if a.name != "accuracy_level"]

@@ -27,6 +27,7 @@ import torch
 from onnx import numpy_helper
 
 from calibless.formats import WeightFormat
+from graphs.protos import copy_model
 from loraq_export.errors import UserError
 from loraq_export.models.stored_dtype import replacement_dtype
 
@@ -74,8 +75,7 @@ def ort_quantize(fp_model: onnx.ModelProto, layer_nodes: dict[str, str], fmt: We
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     chosen = set(layer_nodes.values())
     exclude = [n.name for n in fp_model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
-    model = onnx.ModelProto()
-    model.CopyFrom(fp_model)
+    model = copy_model(fp_model)
     t = time.perf_counter()
     with _quiet_quantizer():
         q = MatMulNBitsQuantizer(model, bits=4, block_size=fmt.group_size, is_symmetric=fmt.symmetric,

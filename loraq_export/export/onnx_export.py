@@ -1,7 +1,6 @@
 """torch -> ONNX (TorchScript exporter, opset 21) -> QDQ via graphs.write_qdq."""
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -11,12 +10,10 @@ import torch
 
 from graphs.constants import OPSET, PLACEHOLDER_DOMAIN
 from graphs.qdq import placeholder_io, write_qdq
+from graphs.runtime import write_model
 from loraq_export.export.layer_specs import layer_spec
 from loraq_export.fit.swap import LoraqLinear, placeholders
 from loraq_export.models.base import LoadedModel
-
-# Protobuf's hard limit is 2 GiB; above this, weights go to an external data file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _torch_export(loaded: LoadedModel, inputs: tuple, path: Path) -> None:
@@ -49,14 +46,4 @@ def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, d
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Write ``path`` (plus ``path.data`` for models over ~1.8 GB); returns the files written.
     Callers write into a staging directory that is renamed into place when complete."""
-    path = Path(path)
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        return [path, path.with_name(path.name + ".data")]
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
-    return [path]
+    return write_model(model, path)

@@ -10,7 +10,7 @@ disagreement is only required to stay below twice the quantization error (END_TO
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
@@ -68,12 +68,14 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapper: torch.nn.Module,
                   input_names: Sequence[str], batches: Sequence[tuple], fp_outputs: Sequence[np.ndarray] = None,
-                  layer_tolerance: float = LAYER_TOLERANCE) -> dict:
+                  layer_tolerance: float = LAYER_TOLERANCE, keep_outputs: Optional[list] = None) -> dict:
     """Compare ONNX Runtime with torch; raise ValidationError on a mismatch.
 
     ``layer_io``: layer -> (input name, output name) in the graph; ``layer_fns``: layer -> the
     torch reference of that layer; ``fp_outputs``: the FP model's outputs on ``batches``
     (bounds the end-to-end check; without them the end-to-end figure is reported, not bounded).
+    ``keep_outputs``: a list the graph's outputs on ``batches`` are appended to, so a later graph
+    can be compared with this one without a second session of it.
     """
     names = [t for io in layer_io.values() for t in io]
     session = ort_session(with_outputs(model, names))
@@ -94,6 +96,8 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
         with torch.no_grad():
             ref = wrapper(*inputs).float().numpy()
         out = results[out_names[0]]
+        if keep_outputs is not None:
+            keep_outputs.append(out)
         if out.shape != ref.shape:
             raise ValidationError(f"ONNX Runtime output shape {out.shape} differs from torch {ref.shape}")
         a = agreement(ref, out)
