@@ -11,6 +11,7 @@ import torch
 from graphs.constants import OPSET, PLACEHOLDER_DOMAIN
 from graphs.qdq import placeholder_io, write_qdq
 from graphs.runtime import write_model
+from loraq_export.export.large_tensors import embeddings_in_row_blocks
 from loraq_export.export.layer_specs import layer_spec
 from loraq_export.fit.swap import LoraqLinear, placeholders
 from loraq_export.models.base import LoadedModel
@@ -33,7 +34,7 @@ def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, d
     quant = {m.layer_name: m for m in loaded.module.modules() if isinstance(m, LoraqLinear)}
     with tempfile.TemporaryDirectory(prefix="loraq-export-") as tmp:
         path = Path(tmp) / "traced.onnx"
-        with torch.no_grad(), placeholders(loaded.module):
+        with torch.no_grad(), placeholders(loaded.module), embeddings_in_row_blocks(loaded.module):
             _torch_export(loaded, inputs, path)
         model = onnx.load(str(path))  # loads external data, if the exporter wrote any
     io = placeholder_io(model)
