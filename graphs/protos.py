@@ -18,8 +18,10 @@ import onnx
 
 from graphs.constants import EXTERNAL_DATA_THRESHOLD
 
-# ONNX Runtime memory-maps an external initializer whose offset is a multiple of the page size.
-_EXTERNAL_ALIGNMENT = 4096
+# Tensors over 1 MiB start at a multiple of 64 KiB in the data file, so a loader can map them
+# (Windows' allocation granularity; 4 KiB pages elsewhere): what ONNX Runtime's and onnx_ir's own
+# external-data writers do (https://onnx.ai/ir-py/_modules/onnx_ir/external_data.html).
+_ALIGN_THRESHOLD, _ALIGNMENT = 1 << 20, 1 << 16
 
 
 def _copy_fields(src, dst) -> None:
@@ -68,7 +70,7 @@ def export_model(graph) -> onnx.ModelProto:
 def write_model(model: onnx.ModelProto, path: Union[str, Path], external: Optional[bool] = None) -> list[Path]:
     """Write ``model`` to ``path``, fsynced; returns the files written. Over
     EXTERNAL_DATA_THRESHOLD (or with ``external``), its raw initializers of 1 KiB or more go to
-    ``path.data`` beside it, page-aligned. Unlike ``onnx.save_model(save_as_external_data=True)``,
+    ``path.data`` beside it. Unlike ``onnx.save_model(save_as_external_data=True)``,
     which clears the caller's tensors, ``model`` is left as it was: each tensor is moved out while
     the file is written and read back after, so no second copy of the weights is held."""
     from onnx.external_data_helper import set_external_data
@@ -85,8 +87,10 @@ def write_model(model: onnx.ModelProto, path: Union[str, Path], external: Option
             for t in model.graph.initializer:
                 if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or t.ByteSize() < 1024:
                     continue
-                f.write(b"\0" * (-f.tell() % _EXTERNAL_ALIGNMENT))
-                offset, raw = f.tell(), t.raw_data
+                raw = t.raw_data
+                if len(raw) > _ALIGN_THRESHOLD:
+                    f.write(b"\0" * (-f.tell() % _ALIGNMENT))
+                offset = f.tell()
                 f.write(raw)
                 set_external_data(t, location=data.name, offset=offset, length=len(raw))
                 t.ClearField("raw_data")
