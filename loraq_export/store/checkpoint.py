@@ -81,11 +81,13 @@ def write_checkpoint(stage: Path, loaded, records: dict, qconfig: dict) -> None:
 
 def tied_aliases(state: dict) -> dict[str, str]:
     """Keys whose tensor is another key's (tied weights: T5's ``encoder.embed_tokens`` is its
-    ``shared``) -> that first key. Stored once; the model ties them again when it is built."""
+    ``shared``) -> that first key. Stored once; the model ties them again when it is built (or
+    ``_retie`` does, for a model built on meta)."""
     first: dict = {}
     out = {}
     for key, t in state.items():
-        ptr = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        # a meta tensor has no storage: the same object is the same tensor (``keep_vars=True``)
+        ptr = (id(t) if t.is_meta else (t.data_ptr(), tuple(t.shape))) if t.numel() else None
         if ptr is not None and ptr in first:
             out[key] = first[ptr]
         elif ptr is not None:
@@ -186,19 +188,6 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _tied_names(module) -> dict[str, str]:
-    """Names under which a tensor already listed appears again (tied weights: T5's
-    ``encoder.embed_tokens`` is its ``shared``) -> the first name; by identity, since meta
-    tensors have no storage to compare."""
-    first, tied = {}, {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        if id(t) in first:
-            tied[name] = first[id(t)]
-        else:
-            first[id(t)] = name
-    return tied
-
-
 def _retie(module, tied: dict[str, str]) -> None:
     """``load_state_dict(assign=True)`` puts the loaded tensor under the first name only: point
     each tied name at it again."""
@@ -234,7 +223,8 @@ def load_checkpoint(path: Path):
             replaced.add(f"{name}.weight")
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path}: quantization_config disagrees with its tensors ({e}); re-run loraq quantize") from None
-    state, tied = module.state_dict(keep_vars=True), _tied_names(module)
+    state = module.state_dict(keep_vars=True)
+    tied = tied_aliases(state)
     own = {k: v for k, v in tensors.items() if k in state}
     expected = set(state) - replaced - set(tied)
     missing = sorted(expected - set(own))
