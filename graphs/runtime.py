@@ -13,16 +13,17 @@ from typing import Optional, Sequence, Union
 import onnx
 
 from graphs.constants import EXTERNAL_DATA_THRESHOLD
-from graphs.protos import copy_model, serialized_size, write_model
+from graphs.protos import serialized_size, write_model
 
 
 def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int] = 0, threads: Optional[int] = None,
                 spinning: Optional[bool] = None, optimized_path: Optional[str] = None,
                 optimization_level=None, external_initializers: Optional[str] = None,
-                providers: Optional[Sequence[str]] = None):
+                providers: Optional[Sequence[str]] = None, extra_outputs: Sequence[str] = ()):
     """An InferenceSession of ``model`` (a path or a ModelProto), on the CPU unless ``providers``
     says otherwise. ``optimized_path``: also write ONNX Runtime's optimized graph there
-    (``external_initializers``: the data file for its weights)."""
+    (``external_initializers``: the data file for its weights). ``extra_outputs``: intermediate
+    (float) tensors the session also returns, after the model's own outputs."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -41,7 +42,21 @@ def ort_session(model: Union[str, onnx.ModelProto], accuracy_level: Optional[int
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_initializers)
     providers = list(providers or ["CPUExecutionProvider"])
     if isinstance(model, str):
+        if extra_outputs:
+            raise ValueError("extra_outputs needs the model, not a path")
         return ort.InferenceSession(model, so, providers=providers)
+    # added to the model for as long as it takes to hand it over: a copy of a 4-bit T5-XXL is 3 GB
+    own = len(model.graph.output)
+    have = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(n for n in extra_outputs if n not in have):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        return _session_of_proto(ort, model, so, providers)
+    finally:
+        del model.graph.output[own:]
+
+
+def _session_of_proto(ort, model: onnx.ModelProto, so, providers: list):
     if serialized_size(model) <= EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     # too large to serialize: ONNX Runtime reads it from disk, weights as external data (they are
@@ -64,17 +79,6 @@ def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
                     optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                     external_initializers="opt.data" if big else None)
         return onnx.load(out)
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the named intermediate (float) tensors."""
-    out = copy_model(model)
-    have = {o.name for o in out.graph.output}
-    for n in names:
-        if n not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
-    return out
 
 
 def input_specs(model: onnx.ModelProto) -> list[tuple]:

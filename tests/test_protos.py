@@ -55,3 +55,33 @@ def test_a_model_over_2_gib_is_copied_exported_and_run():
         model.SerializeToString()  # what loraq no longer relies on
     out = ort_session(model).run(None, {"x": np.array([2.0], np.float32)})[0]
     assert out.shape == (n,) and out[0] == 1.5 and out[-1] == 1.5
+
+
+def test_extra_outputs_are_returned_and_the_model_is_left_as_it_was():
+    model = chain_model([layer_spec(128, 64, rank=16), layer_spec(64, 128, rank=8)])
+    before = model.SerializeToString(deterministic=True)
+    inner = model.graph.node[len(model.graph.node) // 2].output[0]
+    session = ort_session(model, extra_outputs=[inner, inner, model.graph.output[0].name])
+    assert [o.name for o in session.get_outputs()] == [model.graph.output[0].name, inner]
+    assert model.SerializeToString(deterministic=True) == before
+    out, mid = session.run(None, inputs(128))
+    assert out.shape[-1] == 128 and np.isfinite(mid).all()
+
+
+def test_shape_inference_reads_large_weights_as_headers_only():
+    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_shape
+    from graphs.passes.cleanup import SHAPE_ONLY_BYTES, infer_shapes
+    model = chain_model([layer_spec(1024, 512, rank=16), layer_spec(512, 256, rank=8)])
+    graph = gs.import_onnx(model)
+    consts = {n: t._values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    assert max(v.nbytes for v in consts.values()) > SHAPE_ONLY_BYTES  # 1024 x 512 int4 codes: 256 KiB
+    ends = {t.name for t in graph.inputs + graph.outputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in ends:
+            t.dtype, t.shape = None, None
+    infer_shapes(graph)
+    expected = onnx.shape_inference.infer_shapes(model).graph.value_info
+    assert len(expected) > 10
+    tensors = graph.tensors()
+    assert all(tensors[vi.name].shape == get_onnx_tensor_shape(vi) for vi in expected)
+    assert all(tensors[n]._values is v for n, v in consts.items())

@@ -12,6 +12,7 @@ inference; skipped with a log line when the model cannot be inferred, e.g. > 2 G
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -87,16 +88,60 @@ def remove_redundant_qdq(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
+# Weights over this go to shape inference as a header (dims and type) without their data.
+SHAPE_ONLY_BYTES = 1 << 16
+
+
+def _shape_only(t: gs.Constant):
+    """A data-less stand-in of a large constant for shape inference (an external-data header
+    that is never read), or None to pass the constant as it is."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    values = t._values
+    if isinstance(values, LazyValues):
+        dims, dtype = list(values.tensor.dims), values.tensor.data_type
+    elif isinstance(values, np.ndarray) and t._export_dtype is None:
+        try:
+            dims, dtype = list(values.shape), onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        except (KeyError, ValueError, TypeError):
+            return None
+    else:
+        return None
+    if values.nbytes <= SHAPE_ONLY_BYTES:
+        return None
+    stub = onnx.TensorProto(name=t.name, dims=dims, data_type=dtype, data_location=onnx.TensorProto.EXTERNAL)
+    stub.external_data.add(key="location", value="shape-inference-only")
+    return LazyValues(stub)
+
+
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
-    with quiet():
-        model = export_model(graph)
+    """Annotate ``graph``'s tensors with ONNX shape inference. Large weights go in as headers only
+    (shape inference reads their dims and type, not their data), so no copy of the weights is
+    made and a model over protobuf's 2 GiB is inferred too."""
+    consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    originals = []
+    try:
+        for t in consts:
+            stub = _shape_only(t)
+            if stub is not None:
+                originals.append((t, t._values))
+                t._values = stub
+        with quiet():
+            model = export_model(graph)
+    finally:
+        for t, values in originals:
+            t._values = values
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - shape inference is a convenience, not a requirement
         log.info("shape inference skipped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return graph
-    with quiet():
-        return gs.import_onnx(model)
+    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+    tensors = graph.tensors()
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        t = tensors.get(info.name)
+        if isinstance(t, gs.Variable):
+            t.dtype, t.shape = get_onnx_tensor_dtype(info), get_onnx_tensor_shape(info)
+    return graph
 
 
 @register_pass("cleanup")

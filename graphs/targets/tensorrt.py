@@ -33,7 +33,7 @@ from onnx import TensorProto
 from graphs.constants import (ACT_SCALE_EPS, BRANCH_SUFFIXES, CALIBRATION_BATCHES, GEMMS, INT4_TYPES,
                               TRT_INT4_BLOCK_SIZES)
 from graphs.nodes import attr, detach, producer, quiet, replace_uses, weight_dq
-from graphs.runtime import input_specs, ort_session, random_feed, with_outputs
+from graphs.runtime import input_specs, ort_session, random_feed
 from graphs.tensors import QuantizedWeight, const_array, constant, weight_base, write_weight_dq
 
 DEFAULT_DIM = 64  # symbolic dims other than the first (batch = 1) in synthetic calibration inputs
@@ -110,7 +110,7 @@ def synthetic_inputs(model: onnx.ModelProto, n: int = CALIBRATION_BATCHES, seed:
 
 def calibrate(model: onnx.ModelProto, tensors: list, feeds: list) -> dict:
     """amax of each named tensor over all ``feeds`` (ONNX Runtime, CPU, reference accuracy)."""
-    sess = ort_session(with_outputs(model, tensors))
+    sess = ort_session(model, extra_outputs=tensors)
     names = [o.name for o in sess.get_outputs()]
     amax = dict.fromkeys(tensors, 0.0)
     for feed in feeds:

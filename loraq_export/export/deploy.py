@@ -111,6 +111,7 @@ def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer
     graph_report = {"target": opts.target, "passes": list(passes)}
     with timer("export"):
         written, io = export_graph(loaded, example)
+        release_freed_memory()
     with timer("validate"):
         fns = {m.layer_name: m.reference for m in loaded.module.modules() if isinstance(m, LoraqLinear)}
         validated_outputs: list = []

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from graphs.runtime import ort_session, with_outputs
+from graphs.runtime import ort_session
 from loraq_export.errors import UserError
 
 # A layer passes when its output agrees to LAYER_TOLERANCE relative L2 (float summation order:
@@ -78,7 +78,7 @@ def validate_onnx(model: onnx.ModelProto, layer_io: dict, layer_fns: dict, wrapp
     can be compared with this one without a second session of it.
     """
     names = [t for io in layer_io.values() for t in io]
-    session = ort_session(with_outputs(model, names))
+    session = ort_session(model, extra_outputs=names)
     out_names = [o.name for o in session.get_outputs()]
     per_layer = []
     e2e = []
