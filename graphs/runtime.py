@@ -68,7 +68,8 @@ def _session_of_proto(ort, model: onnx.ModelProto, so, providers: list):
 
 
 def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's optimized graph (ORT_ENABLE_EXTENDED, CPU), read back from a temp file."""
+    """ONNX Runtime's optimized graph (ORT_ENABLE_EXTENDED, CPU), read back from a temp file; its
+    nodes only, where its weights went to an external file (gone with the temp folder)."""
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "in.onnx")
@@ -78,7 +79,7 @@ def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
         ort_session(src, accuracy_level=None, optimized_path=out,
                     optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                     external_initializers="opt.data" if big else None)
-        return onnx.load(out)
+        return onnx.load(out, load_external_data=False)  # its nodes are what callers read
 
 
 def input_specs(model: onnx.ModelProto) -> list[tuple]:

@@ -221,13 +221,15 @@ def legalize_graph(graph: gs.Graph) -> dict:
 def legalize(model: onnx.ModelProto, allow_conversion: bool = False, report: dict = None, **_) -> onnx.ModelProto:
     from graphs.check import check_model
     from graphs.nodes import quiet
-    from graphs.passes import apply_passes, to_model
+    from graphs.passes import run_passes, to_model
     from graphs.targets import ALTERNATIVES, TargetError
     with quiet():
-        # no Identity hides a GEMM's consumers; shapes tell which DQs broadcast
-        graph = gs.import_onnx(apply_passes(model, ["remove_redundant_qdq", "cleanup"]))
+        # no Identity hides a GEMM's consumers; shapes tell which DQs broadcast. One graph
+        # throughout: each export is a copy of every weight
+        graph = run_passes(gs.import_onnx(model), ["remove_redundant_qdq", "cleanup"])
         done = legalize_graph(graph)
-    out = apply_passes(to_model(graph, model), ["cleanup"])
+        graph = run_passes(graph, ["cleanup"])
+    out = to_model(graph, model)
     violations = check_model(out, "ort")
     if report is not None:
         report.update({"target": "ort", "rewrites": done, "violations": [asdict(v) for v in violations]})
