@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import onnx
@@ -199,10 +199,12 @@ def placeholder_io(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     return out
 
 
-def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.ModelProto:
-    """Replace every placeholder with its layer's QDQ subgraph."""
+def write_qdq(model: onnx.ModelProto, layers: Mapping[str, LayerSpec]) -> onnx.ModelProto:
+    """Replace every placeholder with its layer's QDQ subgraph. Each layer's spec is read once,
+    when its placeholder is reached: ``layers`` may build it then (one layer's int4 codes, a
+    byte per value before packing, at a time)."""
     graph = gs.import_onnx(model)
-    found, shared = set(), {}
+    found, shared, slots = set(), {}, {}
     for node in [n for n in graph.nodes if n.op == PLACEHOLDER_OP and n.domain == PLACEHOLDER_DOMAIN]:
         if "layer" not in node.attrs:
             raise ValueError(f"placeholder node {node.name} has no 'layer' attribute")
@@ -213,7 +215,11 @@ def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.Mode
         x, y = node.inputs[0], node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()
-        write_layer(graph, layer, layers[layer], x, y, shared)
+        spec = layers[layer]
+        write_layer(graph, layer, spec, x, y, shared)
+        if spec.adapter_slot is not None:
+            slots[layer] = spec.adapter_slot
+        del spec
     missing = set(layers) - found
     if missing:
         raise KeyError(f"quantized layers with no placeholder in the graph: {sorted(missing)[:5]}")
@@ -222,7 +228,6 @@ def write_qdq(model: onnx.ModelProto, layers: dict[str, LayerSpec]) -> onnx.Mode
     del out.opset_import[:]
     out.opset_import.extend([onnx.helper.make_opsetid("", OPSET)])
     out.ir_version = model.ir_version
-    slots = {name: q.adapter_slot for name, q in sorted(layers.items()) if q.adapter_slot is not None}
     if slots:
         set_metadata(out, LORA_SLOTS_KEY, json.dumps(slots, sort_keys=True))
     return out

@@ -117,6 +117,7 @@ def build_deployable_onnx(loaded: LoadedModel, stage: Path, opts: Options, timer
         validated_outputs: list = []
         validation = validate_onnx(written, io, fns, loaded.wrapper, loaded.input_names, batches, fp_outputs,
                                    keep_outputs=validated_outputs)
+        release_freed_memory()
     with timer("passes"):
         # one graph at a time: each copy of a 4-bit T5-XXL is ~3 GB
         fused = apply_passes(written, passes)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -28,6 +29,27 @@ def _torch_export(loaded: LoadedModel, inputs: tuple, path: Path) -> None:
                           do_constant_folding=True)
 
 
+class LayerSpecs(Mapping):
+    """layer -> its LayerSpec, built when the writer asks for it, so one layer's codes at a time
+    are held as numpy int4 (a byte per value): all of T5-XXL's at once would be 4.6 GB."""
+
+    def __init__(self, layers: dict[str, LoraqLinear]):
+        self._layers = layers
+
+    def __getitem__(self, name: str):
+        m = self._layers[name]
+        return layer_spec(m.record, m.bias)
+
+    def __contains__(self, name) -> bool:  # Mapping's own would build the spec
+        return name in self._layers
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
 def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """Export the model as it currently is: swapped LoraqLinear layers become QDQ subgraphs.
     Also returns each quantized layer's (input, output) tensor names, for layer-wise validation."""
@@ -39,7 +61,7 @@ def export_graph(loaded: LoadedModel, inputs: tuple) -> tuple[onnx.ModelProto, d
         model = onnx.load(str(path))  # loads external data, if the exporter wrote any
     io = placeholder_io(model)
     if quant:
-        model = write_qdq(model, {name: layer_spec(m.record, m.bias) for name, m in quant.items()})
+        model = write_qdq(model, LayerSpecs(quant))
     model.producer_name = "loraq"
     return model, io
 
