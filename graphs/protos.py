@@ -11,6 +11,7 @@ load models over 2 GiB from.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,6 +23,9 @@ from graphs.constants import EXTERNAL_DATA_THRESHOLD
 # (Windows' allocation granularity; 4 KiB pages elsewhere): what ONNX Runtime's and onnx_ir's own
 # external-data writers do (https://onnx.ai/ir-py/_modules/onnx_ir/external_data.html).
 _ALIGN_THRESHOLD, _ALIGNMENT = 1 << 20, 1 << 16
+
+# Weights over this are copied into an exported model one at a time, after its structure.
+_WEIGHT_IN_PLACE_BYTES = 1 << 16
 
 
 def _copy_fields(src, dst) -> None:
@@ -51,15 +55,61 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _header(t):
+    """A data-less stand-in of constant ``t`` (dims and type in an external-data header that is
+    never read), or None for a constant that is passed as it is."""
+    import numpy as np
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    values = t._values
+    if isinstance(values, LazyValues):
+        dims, dtype = list(values.tensor.dims), values.tensor.data_type
+    elif isinstance(values, np.ndarray) and t._export_dtype is None:
+        try:
+            dims, dtype = list(values.shape), onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        except (KeyError, ValueError, TypeError):
+            return None
+    else:
+        return None
+    stub = onnx.TensorProto(name=t.name, dims=dims, data_type=dtype, data_location=onnx.TensorProto.EXTERNAL)
+    stub.external_data.add(key="location", value="header-only")
+    return LazyValues(stub)
+
+
+@contextmanager
+def weights_as_headers(graph, min_bytes: int):
+    """Within: every constant of ``graph`` over ``min_bytes`` is a header without its data (what
+    shape inference and the graph's structure need); yields them, restored on exit."""
+    from onnx_graphsurgeon import Constant
+    swapped = []
+    try:
+        for t in graph.tensors().values():
+            if isinstance(t, Constant) and getattr(t._values, "nbytes", 0) > min_bytes:
+                stub = _header(t)
+                if stub is not None:
+                    swapped.append((t, t._values))
+                    t._values = stub
+        yield [t for t, _ in swapped]
+    finally:
+        for t, values in swapped:
+            t._values = values
+
+
 def export_model(graph) -> onnx.ModelProto:
-    """``onnx_graphsurgeon.export_onnx(graph)``, of any total size: the same model, its graph
-    assembled in place rather than copied in whole."""
+    """``onnx_graphsurgeon.export_onnx(graph)``, of any total size: the same model. The graph is
+    exported with its weights as headers, then each weight is copied in once, in place: one copy of
+    the weights is made, where export_onnx (graph, then model) makes two."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
-    onnx_graph = OnnxExporter.export_graph(graph)
+    with weights_as_headers(graph, _WEIGHT_IN_PLACE_BYTES) as weights:
+        onnx_graph = OnnxExporter.export_graph(graph)
     model = onnx.helper.make_model(onnx.GraphProto(), opset_imports=update_import_domains(graph),
                                    functions=[OnnxExporter.export_function(f) for f in graph.functions])
     _copy_fields(onnx_graph, model.graph)
     del onnx_graph
+    by_name = {t.name: t for t in weights}
+    for init in model.graph.initializer:
+        t = by_name.get(init.name)
+        if t is not None:
+            init.CopyFrom(OnnxExporter.export_tensor_proto(t))
     model.producer_name = graph.producer_name
     model.producer_version = graph.producer_version
     if graph.ir_version is not None:

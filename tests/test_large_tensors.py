@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 import loraq_export.export.large_tensors as large
 from graphs.runtime import ort_session
-from loraq_export.export.large_tensors import RowBlockEmbedding, embeddings_in_row_blocks
+from loraq_export.export.large_tensors import embeddings_in_row_blocks, row_block_lookup
 from loraq_export.export.onnx_export import export_graph
 
 
@@ -15,17 +15,29 @@ from loraq_export.export.onnx_export import export_graph
 def test_row_blocks_give_the_table_rows_exactly(rows_per_block):
     table = torch.randn(100, 12, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 6, 7, 63, 64, 99], [99, 98, 1, 0, 50, 13]])
-    got = RowBlockEmbedding(table, rows_per_block)(ids)
+    got = row_block_lookup(ids, table.split(rows_per_block))
     assert torch.equal(got, torch.nn.functional.embedding(ids, table))
 
 
-def test_tied_table_is_swapped_under_every_name_and_restored():
-    emb = torch.nn.Embedding(64, 8)
+class ScaledEmbedding(torch.nn.Embedding):
+    """What Gemma-2's Gemma2TextScaledWordEmbedding does: the lookup, then a scale."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+@pytest.mark.parametrize("cls", [torch.nn.Embedding, ScaledEmbedding])
+def test_tied_table_is_changed_once_its_own_forward_kept_and_restored(cls):
+    emb = cls(64, 8)
     model = torch.nn.ModuleDict({"shared": emb, "encoder": torch.nn.ModuleDict({"embed_tokens": emb})})
+    ids = torch.tensor([[0, 20, 21, 63]])
+    want = emb(ids)
     with embeddings_in_row_blocks(model, limit=700):  # 21 rows of 8 float32 values per block
-        assert isinstance(model["shared"], RowBlockEmbedding) and model["encoder"]["embed_tokens"] is model["shared"]
-        assert [b.shape[0] for b in model["shared"].blocks] == [21, 21, 21, 1]
-    assert model["shared"] is emb and model["encoder"]["embed_tokens"] is emb
+        assert model["encoder"]["embed_tokens"] is emb and type(emb) is not cls and isinstance(emb, cls)
+        assert [b.shape[0] for b in (emb.row_block_0, emb.row_block_1, emb.row_block_2, emb.row_block_3)] == [21, 21, 21, 1]
+        assert torch.equal(emb(ids), want)
+    assert type(emb) is cls and not hasattr(emb, "row_block_0") and list(emb.state_dict()) == ["weight"]
+    assert torch.equal(emb(ids), want)
 
 
 def _largest_initializer(model: onnx.ModelProto) -> int:
@@ -39,7 +51,7 @@ def test_minilm_exports_its_word_table_in_blocks_with_the_same_outputs(minilm, m
     whole, _ = export_graph(minilm, inputs)
     monkeypatch.setattr(large, "EMBEDDING_BLOCK_BYTES", 8 << 20)
     blocked, _ = export_graph(minilm, inputs)
-    assert minilm.module.embeddings.word_embeddings is table
+    assert minilm.module.embeddings.word_embeddings is table and type(table) is torch.nn.Embedding
     assert _largest_initializer(whole) == table.weight.numel() * 4
     assert _largest_initializer(blocked) <= 8 << 20
     feed = {n: t.numpy() for n, t in zip(minilm.input_names, minilm.make_inputs(seed=5, batch=3))}

@@ -12,13 +12,12 @@ inference; skipped with a log line when the model cannot be inferred, e.g. > 2 G
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphs.nodes import attr, const_key, detach, is_graph_output, log, producer, quiet, replace_uses
 from graphs.passes import register_pass
-from graphs.protos import export_model
+from graphs.protos import export_model, weights_as_headers
 
 
 def _same_input(a, b) -> bool:
@@ -92,44 +91,12 @@ def remove_redundant_qdq(graph: gs.Graph) -> gs.Graph:
 SHAPE_ONLY_BYTES = 1 << 16
 
 
-def _shape_only(t: gs.Constant):
-    """A data-less stand-in of a large constant for shape inference (an external-data header
-    that is never read), or None to pass the constant as it is."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-    values = t._values
-    if isinstance(values, LazyValues):
-        dims, dtype = list(values.tensor.dims), values.tensor.data_type
-    elif isinstance(values, np.ndarray) and t._export_dtype is None:
-        try:
-            dims, dtype = list(values.shape), onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
-        except (KeyError, ValueError, TypeError):
-            return None
-    else:
-        return None
-    if values.nbytes <= SHAPE_ONLY_BYTES:
-        return None
-    stub = onnx.TensorProto(name=t.name, dims=dims, data_type=dtype, data_location=onnx.TensorProto.EXTERNAL)
-    stub.external_data.add(key="location", value="shape-inference-only")
-    return LazyValues(stub)
-
-
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
     """Annotate ``graph``'s tensors with ONNX shape inference. Large weights go in as headers only
     (shape inference reads their dims and type, not their data), so no copy of the weights is
     made and a model over protobuf's 2 GiB is inferred too."""
-    consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    originals = []
-    try:
-        for t in consts:
-            stub = _shape_only(t)
-            if stub is not None:
-                originals.append((t, t._values))
-                t._values = stub
-        with quiet():
-            model = export_model(graph)
-    finally:
-        for t, values in originals:
-            t._values = values
+    with quiet(), weights_as_headers(graph, SHAPE_ONLY_BYTES):
+        model = export_model(graph)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - shape inference is a convenience, not a requirement
