@@ -40,8 +40,10 @@ def test_tied_table_is_changed_once_its_own_forward_kept_and_restored(cls):
     assert torch.equal(emb(ids), want)
 
 
-def _largest_initializer(model: onnx.ModelProto) -> int:
-    return max(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+def _largest_tensor(model: onnx.ModelProto) -> int:
+    """Over initializers and Constant nodes' values (a serialized message either way)."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    return max(numpy_helper.to_array(t).nbytes for t in tensors)
 
 
 def test_minilm_exports_its_word_table_in_blocks_with_the_same_outputs(minilm, monkeypatch):
@@ -52,7 +54,9 @@ def test_minilm_exports_its_word_table_in_blocks_with_the_same_outputs(minilm, m
     monkeypatch.setattr(large, "EMBEDDING_BLOCK_BYTES", 8 << 20)
     blocked, _ = export_graph(minilm, inputs)
     assert minilm.module.embeddings.word_embeddings is table and type(table) is torch.nn.Embedding
-    assert _largest_initializer(whole) == table.weight.numel() * 4
-    assert _largest_initializer(blocked) <= 8 << 20
+    assert _largest_tensor(whole) == table.weight.numel() * 4
+    assert _largest_tensor(blocked) <= 8 << 20
+    blocks = [t for t in blocked.graph.initializer if "row_block_" in t.name]
+    assert sum(numpy_helper.to_array(t).nbytes for t in blocks) == table.weight.numel() * 4
     feed = {n: t.numpy() for n, t in zip(minilm.input_names, minilm.make_inputs(seed=5, batch=3))}
     np.testing.assert_array_equal(ort_session(blocked).run(None, feed)[0], ort_session(whole).run(None, feed)[0])

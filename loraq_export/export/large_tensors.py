@@ -56,7 +56,8 @@ def embeddings_in_row_blocks(model: nn.Module, limit: int = None):
         names = []
         for i, block in enumerate(module.weight.detach().split(rows)):
             names.append(f"row_block_{i}")
-            module.register_buffer(names[-1], block, persistent=False)
+            # persistent: torch.onnx writes the state dict as initializers, anything else as Constant nodes
+            module.register_buffer(names[-1], block)
         module._row_block_names = names
         module.__class__ = _RowBlockLookup if cls is nn.Embedding else type(f"RowBlock{cls.__name__}", (cls, _RowBlockLookup), {})
         changed.append((module, cls, names))
