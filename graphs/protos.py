@@ -3,7 +3,7 @@
 The protobuf runtime refuses to serialize a message over 2 GiB, and its ``CopyFrom`` of a whole
 message (what ``onnx.helper.make_model`` and so ``onnx_graphsurgeon.export_onnx`` do with the
 graph) goes through serialization, so a model whose weights pass 2 GiB (a 4-bit T5-XXL encoder is
-~2.9 GB) fails there. Copying field by field only serializes one element at a time (one tensor:
+3.1 GB) fails there. Copying field by field only serializes one element at a time (one tensor:
 the limit becomes 2 GiB per tensor), and writing to disk puts the weights in an ONNX external
 data file (https://onnx.ai/onnx/repo-docs/ExternalData.html), the form ONNX Runtime and TensorRT
 load models over 2 GiB from.
@@ -34,7 +34,9 @@ def _copy_fields(src, dst) -> None:
         if (field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED):
             getattr(dst, field.name).extend(value)
         elif field.type == field.TYPE_MESSAGE:
-            _copy_fields(value, getattr(dst, field.name))
+            sub = getattr(dst, field.name)
+            sub.SetInParent()  # present even when empty: an empty shape is a scalar's, no shape is unknown rank
+            _copy_fields(value, sub)
         else:
             setattr(dst, field.name, value)
 

@@ -23,6 +23,14 @@ def test_copy_and_export_equal_what_protobuf_and_graphsurgeon_give(model):
             == gs.export_onnx(graph).SerializeToString(deterministic=True))
 
 
+def test_copy_keeps_a_present_empty_message_present():
+    # repeated fields are copied whole; a singular message field is recursed into, and an empty
+    # one must stay present (an empty shape is a scalar's, no shape is unknown rank)
+    model = onnx.ModelProto()
+    model.graph.SetInParent()
+    assert model.HasField("graph") and copy_model(model).HasField("graph")
+
+
 def test_write_model_external_leaves_the_model_as_it_was_and_runs_in_ort(tmp_path):
     model = chain_model([layer_spec(2048, 2048, rank=16), layer_spec(2048, 256, rank=8)])  # 2 MiB of codes, then less
     before = model.SerializeToString(deterministic=True)
