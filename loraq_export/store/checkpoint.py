@@ -188,6 +188,12 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _refuse_missing(path: Path, missing: set) -> None:
+    if missing:
+        raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {min(missing)}); "
+                        "the checkpoint does not match its config, re-run loraq quantize")
+
+
 def _retie(module, tied: dict[str, str]) -> None:
     """``load_state_dict(assign=True)`` puts the loaded tensor under the first name only: point
     each tied name at it again."""
@@ -230,10 +236,7 @@ def load_checkpoint(path: Path):
     # checkpoint-equals-direct test; presumably the kernels take another path on the file's offsets)
     own = {k: v.clone() for k, v in tensors.items() if k in state}
     expected = set(state) - replaced - set(tied)
-    missing = sorted(expected - set(own))
-    if missing:
-        raise UserError(f"checkpoint {path}: {len(missing)} tensors of the model are missing (first: {missing[0]}); "
-                        "the checkpoint does not match its config, re-run loraq quantize")
+    _refuse_missing(path, expected - set(own))
     try:
         module.load_state_dict(own, strict=False, assign=True)
     except RuntimeError as e:  # a tensor whose shape the config does not give
@@ -241,10 +244,8 @@ def load_checkpoint(path: Path):
                         f"({' '.join(str(e).split())[:300]}); re-run loraq quantize") from None
     _retie(module, {k: v for k, v in tied.items() if k not in own})
     module.float()
-    still_meta = sorted(k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta and k not in replaced)
-    if still_meta:
-        raise UserError(f"checkpoint {path}: {len(still_meta)} tensors of the model are missing (first: {still_meta[0]}); "
-                        "the checkpoint does not match its config, re-run loraq quantize")
+    # what neither the file nor a tie filled is still on meta
+    _refuse_missing(path, {k for k, t in module.state_dict(keep_vars=True).items() if t.is_meta and k not in replaced})
     for name, rec in records.items():
         try:
             lin = module.get_submodule(name)
