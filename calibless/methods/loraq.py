@@ -48,6 +48,9 @@ class LoraqOptions:
 # (docs/methods.md "Fitting time")
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 NEIGHBOURS = (0.97, 1.0, 1.03)  # later alternating iterations search around each block's last ratio
+# values in one tile of the tiled passes (clipping search, refinement step): its few float32
+# buffers (512 KiB each) stay in a core's L2 cache; 2^16 and 2^18 measured no better
+TILE_ELEMENTS = 1 << 17
 
 
 def code_range(fmt: WeightFormat, zero_point):
@@ -61,32 +64,54 @@ def code_range(fmt: WeightFormat, zero_point):
 def quantize_mse(r: torch.Tensor, fmt: WeightFormat, ratios=CLIP_RATIOS) -> tuple[QTensor, torch.Tensor]:
     """Per-block clipping search over ``ratios`` (floats, or tensors shaped like the scales; an
     asymmetric grid keeps its min/max zero point), then a least-squares refit of each block's
-    scale. Returns the quantized tensor and each block's chosen ratio to its min/max scale."""
+    scale. Returns the quantized tensor and each block's chosen ratio to its min/max scale.
+
+    Searched tile by tile (whole blocks, a cache-sized span of columns): every candidate reads the
+    tile from cache instead of the whole layer from memory."""
     base, zp = choose_qparams(r, fmt)
     k, n = r.shape
-    blocks = r.reshape(base.shape[0], -1, n)
-    best_err = torch.full_like(base, float("inf"))
+    nb = base.shape[0]
+    g = k // nb
+    blocks = r.reshape(nb, g, n)
     best = base.clone()
-
     lo, hi = code_range(fmt, zp)
+    ratios = [torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0) for c in ratios]
+    rows, cols = _tile_shape(g, n)
+    for b0 in range(0, nb, rows):
+        for c0 in range(0, n, cols):
+            at = (slice(b0, b0 + rows), slice(c0, c0 + cols))
+            x, s0 = blocks[at[0], :, at[1]], base[at]
+            tlo, thi = (lo, hi) if zp is None else (lo[at[0], :, at[1]], hi[at[0], :, at[1]])
+            q, e = torch.empty_like(x), torch.empty_like(x)
 
-    def block_err(s):
-        q = torch.div(blocks, s[:, None, :]).round_().clamp_(lo, hi)
-        return torch.mul(q, s[:, None, :]).sub_(blocks).square_().sum(1), q
+            def block_err(s):
+                sc = s[:, None, :]
+                torch.div(x, sc, out=q).round_().clamp_(tlo, thi)
+                return torch.mul(q, sc, out=e).sub_(x).square_().sum(1)
 
-    for c in ratios:
-        cand = base * torch.clamp(torch.as_tensor(c, dtype=base.dtype), max=1.0)
-        err, _ = block_err(cand)
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
-    _, q = block_err(best)
-    qq = (q * q).sum(1)
-    ls = torch.where(qq > 0, (q * blocks).sum(1) / qq.clamp_min(1e-30), best)
-    ls = torch.where(ls * best > 0, ls, best)  # keep each block's sign (scales may be negative)
-    err_ls, _ = block_err(ls)
-    best = torch.where(err_ls < best_err, ls, best)
+            best_err, pick = None, s0
+            for c in ratios:
+                cand = s0 * (c if c.dim() == 0 else c[at])
+                err = block_err(cand)
+                if best_err is None:
+                    best_err, pick = err, cand
+                else:
+                    better = err < best_err
+                    pick, best_err = torch.where(better, cand, pick), torch.where(better, err, best_err)
+            block_err(pick)
+            qq = torch.linalg.vecdot(q, q, dim=1)
+            ls = torch.where(qq > 0, torch.linalg.vecdot(q, x, dim=1) / qq.clamp_min(1e-30), pick)
+            ls = torch.where(ls * pick > 0, ls, pick)  # keep each block's sign (scales may be negative)
+            best[at] = torch.where(block_err(ls) < best_err, ls, pick)
     return QTensor.from_float(r, fmt, scale=best, zero_point=zp), best / base
+
+
+def _tile_shape(g: int, n: int) -> tuple[int, int]:
+    """(blocks, columns) of a tile of about TILE_ELEMENTS values: whole blocks, all columns when
+    one block row fits, else one block row and a span of columns."""
+    if g * n <= TILE_ELEMENTS:
+        return max(1, TILE_ELEMENTS // (g * n)), n
+    return 1, max(16, TILE_ELEMENTS // g)
 
 
 class _ClipSearch:
@@ -147,32 +172,73 @@ def refine(w, main: QTensor, a, b, spec, steps: int, lr: float):
     # point; the small late steps settle on a good joint solution.
     opt = _CosineAdam(params, [lr * rms_a, lr * rms_b, lr], steps)
     eval_every = max(1, steps // 8)
-    wb = w.reshape(k // g, g, -1)  # blocked view: scales broadcast instead of being expanded
-    # three layer-sized buffers written in place each step: fresh temporaries of a large layer cost
-    # more in page faults than the arithmetic (1.3-1.9x per step on 4608-wide layers)
-    e, codes, tmp = torch.empty_like(wb), torch.empty_like(wb), torch.empty_like(wb)
+    step_error = _TiledError(w, g, lo, hi)
     best_err, best = float("inf"), params
     with torch.no_grad():
         for step in range(steps + 1):  # step i sees the iterate after i updates
             A, B, log_s = params
             scale = sign * log_s.exp()
-            sc = scale[:, None, :]
             aq = A if fa is None else fake_quant_weight(A, fa)
             bq = B if fb is None else fake_quant_weight(B, fb)
-            torch.sub(wb, torch.matmul(aq, bq, out=tmp.view_as(w)).view_as(wb), out=e)
-            torch.div(e, sc, out=codes).round_().clamp_(lo, hi)
-            e.sub_(torch.mul(codes, sc, out=tmp))  # the error W - codes*s - AqBq
-            if step % eval_every == 0 or step == steps:
-                err = float(torch.linalg.vector_norm(e))
-                if err < best_err:
-                    best_err, best = err, [p.clone() for p in params]
+            evaluate = step % eval_every == 0 or step == steps
+            grad_a, grad_b, grad_s, err = step_error(aq, bq, scale, evaluate, gradients=step < steps)
+            if evaluate and err < best_err:
+                best_err, best = err, [p.clone() for p in params]
             if step == steps:
                 break
-            grad_s = torch.linalg.vecdot(e, codes, dim=1).mul_(-2 * scale)
-            e2 = e.view_as(w)
-            opt.step([(e2 @ bq.T).mul_(-2), (aq.T @ e2).mul_(-2), grad_s])
+            opt.step([grad_a, grad_b, grad_s.mul_(scale)])
     A, B, log_s = best
     return (*_deployed(w, sign * log_s.exp(), A, B, spec, z), A, B)
+
+
+class _TiledError:
+    """One refinement step's error and gradients, computed tile by tile.
+
+    E = W - Aq Bq - codes * s with the codes re-rounded from W - Aq Bq; returns dL/dA = -2 E Bq^T,
+    dL/dB = -2 Aq^T E, -2 sum_block(E * codes) (times s, the caller's, is dL/ds) and ||E||. Over
+    the whole layer these are ~10 passes over layer-sized tensors per step, each from main memory
+    (a 1152x4608 layer's are 21 MB); over tiles of whole blocks a tile's E and codes stay in cache
+    for every pass (the step 1.6x faster on PixArt-Sigma's 1152x4608 layers)."""
+
+    def __init__(self, w: torch.Tensor, g: int, lo, hi):
+        k, n = w.shape
+        nb = k // g
+        self.shape, self.nb = (k, n), nb
+        rows, cols = _tile_shape(g, n)
+        buffers = {}
+        self.tiles = []
+        for b0 in range(0, nb, rows):
+            b1 = min(b0 + rows, nb)
+            for c0 in range(0, n, cols):
+                c1 = min(c0 + cols, n)
+                shape = (b1 - b0, g, c1 - c0)
+                if shape not in buffers:
+                    buffers[shape] = (torch.empty(shape), torch.empty(shape))
+                e, codes = buffers[shape]
+                bounds = [x if not torch.is_tensor(x) else x[b0:b1, :, c0:c1] for x in (lo, hi)]
+                self.tiles.append((slice(b0 * g, b1 * g), slice(b0, b1), slice(c0, c1), w[b0 * g:b1 * g, c0:c1],
+                                   e, e.view(-1, c1 - c0), codes, *bounds))
+
+    def __call__(self, aq, bq, scale, evaluate: bool, gradients: bool):
+        k, n = self.shape
+        if gradients:
+            grad_a, grad_b, grad_s = torch.zeros(k, aq.shape[1]), torch.zeros(bq.shape[0], n), torch.empty(self.nb, n)
+        sq = 0.0
+        bqt, aqt = bq.T, aq.T
+        for rows, blocks, cols, w, e, flat, codes, lo, hi in self.tiles:
+            torch.addmm(w, aq[rows], bq[:, cols], alpha=-1, out=flat)
+            sc = scale[blocks, None, cols]
+            torch.div(e, sc, out=codes).round_().clamp_(lo, hi)
+            e.addcmul_(codes, sc, value=-1)
+            if evaluate:
+                sq += float(torch.linalg.vecdot(e.view(-1), e.view(-1)))
+            if gradients:
+                grad_s[blocks, cols] = torch.linalg.vecdot(e, codes, dim=1)
+                grad_a[rows].addmm_(flat, bqt[cols], alpha=-2)
+                grad_b[:, cols].addmm_(aqt[:, rows], flat, alpha=-2)
+        if not gradients:
+            return None, None, None, sq ** 0.5
+        return grad_a, grad_b, grad_s.mul_(-2), sq ** 0.5
 
 
 class _CosineAdam:

@@ -25,12 +25,13 @@ def alternate(w, spec, quantize_residual, max_iter: int, seed: int):
     best = None
     for _ in range(max_iter):
         main = quantize_residual(w - a @ b)
+        left = w - main.dequantize()  # dequantized once: a layer-sized pass the error and the SVD share
         br = Branch.from_float(a, b, spec.branch)
-        err = float(torch.linalg.norm(w - main.dequantize() - br.down_weight() @ br.up_weight()))
+        err = float(torch.linalg.norm(left - br.down_weight() @ br.up_weight()))
         if best is not None and err >= best[3]:
             break
         best = (main, a, b, err)
-        a, b = top_r(w - main.dequantize(), spec.rank, seed=seed, warm=b)
+        a, b = top_r(left, spec.rank, seed=seed, warm=b)
     return best
 
 
