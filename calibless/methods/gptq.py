@@ -44,6 +44,19 @@ class GptqOptions:
             raise ValueError(f"block must be at least 1, got {self.block}")
 
 
+def _triangular_inverse(c):
+    """LAPACK trtri of the lower triangular ``c`` on one BLAS thread. scipy's OpenBLAS starts a
+    thread per core: its result then depends on the machine's core count (the rounding of its
+    blocked products: a 4608-wide factor's inverse differed between 1 and 2 threads), and beside
+    the other fitting processes its threads wait for busy cores (1.5 s for a 1152-wide inverse
+    that takes 0.02 s alone, measured on 2 cores with 2 fitting processes)."""
+    from scipy.linalg.lapack import get_lapack_funcs
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return get_lapack_funcs("trtri", (c,))(c, lower=1)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H damped until it factors (a rank-deficient
     covariance from few tokens needs more than the default).
@@ -53,7 +66,6 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     inverse (three K^3-sized steps instead of two smaller ones: a 4608-wide layer's 46 s of 75 s).
     L^-1 comes from LAPACK's triangular inverse (trtri, K^3/3 flops; torch exposes only a
     triangular solve against the identity, K^3: 1.47 s against 0.27 s at K = 4608, one thread)."""
-    from scipy.linalg.lapack import get_lapack_funcs
 
     k = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean()) or 1.0
@@ -62,8 +74,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     for extra in (1.0, 10.0, 100.0, 1000.0):
         chol, info = torch.linalg.cholesky_ex(flipped + eye * (damp * extra * mean_diag))
         if int(info) == 0:
-            c = chol.numpy()
-            inv, info = get_lapack_funcs("trtri", (c,))(c, lower=1)
+            inv, info = _triangular_inverse(chol.numpy())
             inv = torch.from_numpy(inv).tril_()  # trtri leaves the untouched upper triangle as it was (zeros)
             if int(info) == 0 and bool(torch.isfinite(inv).all()):
                 return inv.flip(0, 1)
