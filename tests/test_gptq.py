@@ -123,3 +123,31 @@ def test_loraq_rounds_its_main_path_against_the_statistics(recipe_rank):
     assert torch.equal(with_stats.weight.scale, plain.weight.scale)  # same grid, other codes
     cov = stats.covariance()
     assert output_error(w - with_stats.effective_weight(), cov) < 0.8 * output_error(w - plain.effective_weight(), cov)
+
+
+_INVERSE_DIGEST = """
+import hashlib, sys, torch
+sys.path.insert(0, {root!r})
+from calibless.methods.gptq import _inverse_cholesky
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2048, 512, generator=g)
+print(hashlib.sha256(_inverse_cholesky(x.T @ x / 2048, 0.01).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_inverse_factor_does_not_depend_on_the_blas_thread_count():
+    """scipy's OpenBLAS rounds its threaded triangular inverse differently per thread count (a
+    512-wide one differed between 1 and 2 threads); fitted codes must not depend on the machine."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _INVERSE_DIGEST.format(root=str(Path(__file__).resolve().parents[1]))
+    digests = set()
+    for threads in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1, digests
