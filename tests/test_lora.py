@@ -162,7 +162,12 @@ def test_several_adapters_with_scales_and_the_python_api(folders, tmp_path):
     f2 = lora_factors(fp.module, rank=4, seed=6, strength=0.1, suffixes=("attn2.to_k", "ff.net.2"))
     l1, l2 = save_peft(tmp_path / "l1.safetensors", f1), save_kohya(tmp_path / "l2.safetensors", f2, alpha=4)
     ckpt = tmp_path / "ckpt"
-    run_quantize(Options(model=str(folder), recipe=RECIPE, out=ckpt, workers=1, progress=False), echo=lambda *a: None)
+    # No activation quantization here: with A8 a sub-ulp difference between torch's and ONNX
+    # Runtime's float sums can flip one activation code and move the latents by ~1e-3 (measured
+    # 3e-7 or 1.6e-3 for the same adapters, depending only on the fitted values), so agreement
+    # would be luck; without it the two paths must agree to float rounding.
+    run_quantize(Options(model=str(folder), recipe="w4a16-g32-r8-w4a16", out=ckpt, workers=1, progress=False),
+                 echo=lambda *a: None)
     _export(ckpt, tmp_path / "two", lora=[str(l1), str(l2)], lora_scale=[0.7, -1.2])
     onnx_two = _ort_outputs(tmp_path / "two" / "model.onnx", fp)
     # the Python API computes what the ONNX computes
@@ -172,7 +177,7 @@ def test_several_adapters_with_scales_and_the_python_api(folders, tmp_path):
     load_lora(model, l1, scale=0.7)
     load_lora(model, l2, scale=-1.2)
     torch_two = _wrapped(model, loaded)
-    assert _rel(torch_two, onnx_two) < 1e-3
+    assert _rel(torch_two, onnx_two) < 1e-5
     assert _rel(torch_two, before) > 0.03
     unload_lora(model)
     assert all(np.array_equal(a, b) for a, b in zip(_wrapped(model, loaded), before))
