@@ -198,7 +198,7 @@ class _TiledError:
     dL/dB = -2 Aq^T E, -2 sum_block(E * codes) (times s, the caller's, is dL/ds) and ||E||. Over
     the whole layer these are ~10 passes over layer-sized tensors per step, each from main memory
     (a 1152x4608 layer's are 21 MB); over tiles of whole blocks a tile's E and codes stay in cache
-    for every pass (the step 1.6x faster on PixArt-Sigma's 1152x4608 layers)."""
+    for every pass (a 1152x4608 layer's 80 steps 4.76 -> 2.66 s, one thread)."""
 
     def __init__(self, w: torch.Tensor, g: int, lo, hi):
         k, n = w.shape
