@@ -23,6 +23,7 @@ from calibless.rotation import Rotation
 
 GRAM_BLOCK_ROWS = 4  # block rows of the Gram's lower triangle in add(lower_only=True)
 GRAM_MIN_BLOCK = 64  # narrower layers take the plain product (the blocking saves nothing there)
+FILL_STRIP = 256  # rows per step of fill_upper
 
 
 @dataclass
@@ -46,7 +47,7 @@ class InputStats:
         time here); the caller makes it whole with ``fill_upper()`` once every batch is in."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
-        self.total += x.double().sum(0)
+        self.total += x.sum(0, dtype=torch.float64)
         k = x.shape[1]
         if not lower_only or k < GRAM_BLOCK_ROWS * GRAM_MIN_BLOCK:
             self.gram += x.T @ x
@@ -57,8 +58,16 @@ class InputStats:
 
     def fill_upper(self) -> None:
         """Make the Gram whole after ``add(x, lower_only=True)``: its lower triangle mirrored above
-        the diagonal (exactly symmetric; adding the zeros of the other triangle is exact)."""
-        self.gram.copy_(torch.tril(self.gram) + torch.tril(self.gram, -1).T)
+        the diagonal (exactly symmetric). In place, a strip of rows at a time: the whole-matrix
+        tril(G) + tril(G, -1)^T made three Gram-sized temporaries, 7 s of a full PixArt-Sigma's
+        78 s statistics pass."""
+        g = self.gram
+        k = g.shape[0]
+        for lo in range(0, k, FILL_STRIP):
+            hi = min(lo + FILL_STRIP, k)
+            d = g[lo:hi, lo:hi]
+            d.copy_(torch.tril(d) + torch.tril(d, -1).T)
+            g[lo:hi, hi:].copy_(g[hi:, lo:hi].T)
 
     @property
     def mean(self) -> torch.Tensor:

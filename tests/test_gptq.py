@@ -128,10 +128,11 @@ def test_loraq_rounds_its_main_path_against_the_statistics(recipe_rank):
 _INVERSE_DIGEST = """
 import hashlib, sys, torch
 sys.path.insert(0, {root!r})
-from calibless.methods.gptq import _inverse_cholesky
+from calibless.methods.gptq import _inverse_factor_of_reversed
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2048, 512, generator=g)
-print(hashlib.sha256(_inverse_cholesky(x.T @ x / 2048, 0.01).numpy().tobytes()).hexdigest())
+h = x.T @ x / 2048
+print(hashlib.sha256(_inverse_factor_of_reversed(h.flip(0, 1), float(h.diagonal().mean()), 0.01).numpy().tobytes()).hexdigest())
 """
 
 
@@ -151,3 +152,63 @@ def test_inverse_factor_does_not_depend_on_the_blas_thread_count():
         assert out.returncode == 0, out.stderr
         digests.add(out.stdout.strip())
     assert len(digests) == 1, digests
+
+
+def _gptq_algorithm_1(w, cov, grid, damp=0.01):
+    """GPTQ as its paper's Algorithm 1 writes it (act order, static groups), in float64 and with
+    none of gptq_round's shortcuts: H^-1 by inversion, its upper Cholesky factor, one row at a
+    time with every later row updated at once."""
+    k = w.shape[0]
+    fmt, g = grid.fmt, grid.fmt.block_size(k)
+    h = cov.double()
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    h, w = h[perm][:, perm], w.double()[perm].clone()
+    h = h + torch.eye(k, dtype=torch.float64) * damp * float(torch.diagonal(h).mean())
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    s = grid.scale.double()[perm // g]
+    z = None if grid.zero_point is None else grid.zero_point.double()[perm // g]
+    q = torch.empty_like(w)
+    for i in range(k):
+        c = torch.round(w[i] / s[i])
+        c = c.clamp(fmt.qmin, fmt.qmax) if z is None else (c + z[i]).clamp(fmt.qmin, fmt.qmax) - z[i]
+        q[i] = c * s[i]
+        w[i:] -= torch.outer(u[i, i:], (w[i] - q[i]) / u[i, i])
+    return q[torch.argsort(perm)].float()
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_gptq_round_agrees_with_the_papers_algorithm(asym):
+    """The lazy batches (any block, ragged ones too), the one-factorisation inverse factor and the
+    in-place rounding change float sums only: the codes are Algorithm 1's."""
+    from calibless.methods.gptq import GptqOptions, gptq_round
+    from calibless.methods.loraq import quantize_mse
+    g = torch.Generator().manual_seed(4)
+    k, n = 320, 96
+    w = torch.randn(k, n, generator=g) * 0.05
+    stats = InputStats.empty(k)
+    stats.add(correlated_inputs(k, seed=5), lower_only=True)
+    stats.fill_upper()
+    cov = stats.covariance()
+    grid, _ = quantize_mse(w, main_format("w4a16", 64, symmetric=not asym).weight)
+    ref = _gptq_algorithm_1(w, cov, grid)
+    assert (ref != grid.dequantize()).float().mean() > 0.2  # GPTQ moved many codes off round to nearest
+    for block in (1, 7, 128, 1000):
+        got = gptq_round(w, cov, grid, GptqOptions(block=block))
+        assert (got != ref).float().mean() < 1e-3, block
+
+
+@pytest.mark.parametrize("k", [100, 256, 300, 1000])
+def test_gram_from_its_lower_blocks_is_the_whole_product(k):
+    """add(lower_only=True) then fill_upper: x^T x, exactly symmetric, at widths the blocks and the
+    mirroring strips do not divide."""
+    g = torch.Generator().manual_seed(k)
+    x1, x2 = torch.randn(500, k, generator=g) + 1.0, torch.randn(200, k, generator=g)
+    stats = InputStats.empty(k)
+    stats.add(x1, lower_only=True)
+    stats.add(x2, lower_only=True)
+    stats.fill_upper()
+    x = torch.cat([x1, x2]).double()
+    ref = x.T @ x
+    assert torch.equal(stats.gram, stats.gram.T)
+    assert float((stats.gram.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+    assert stats.count == 700 and torch.allclose(stats.total, x.sum(0))

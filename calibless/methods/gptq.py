@@ -19,6 +19,7 @@ was 0.0191 -> 0.0170 end-to-end 1 - cosine on held-out sentences.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,38 +45,46 @@ class GptqOptions:
             raise ValueError(f"block must be at least 1, got {self.block}")
 
 
-def _triangular_inverse(c):
-    """LAPACK trtri of the lower triangular ``c`` on one BLAS thread. scipy's OpenBLAS starts a
-    thread per core: its result then depends on the machine's core count (the rounding of its
-    blocked products: a 4608-wide factor's inverse differed between 1 and 2 threads), and beside
-    the other fitting processes its threads wait for busy cores (1.5 s for a 1152-wide inverse
-    that takes 0.02 s alone, measured on 2 cores with 2 fitting processes)."""
+def _triangular_inverse_in_place(c):
+    """LAPACK trtri of the lower triangular, column-major ``c`` (numpy), written over it, on one
+    BLAS thread. scipy's OpenBLAS starts a thread per core: its result then depends on the
+    machine's core count (the rounding of its blocked products: a 4608-wide factor's inverse
+    differed between 1 and 2 threads), and beside the other fitting processes its threads wait for
+    busy cores (1.5 s for a 1152-wide inverse that takes 0.02 s alone, measured on 2 cores with 2
+    fitting processes)."""
     from scipy.linalg.lapack import get_lapack_funcs
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        return get_lapack_funcs("trtri", (c,))(c, lower=1)
+        return get_lapack_funcs("trtri", (c,))(c, lower=1, overwrite_c=1)
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), H damped until it factors (a rank-deficient
-    covariance from few tokens needs more than the default).
+def _inverse_factor_of_reversed(flipped: torch.Tensor, mean_diag: float, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) from ``flipped`` = J H J (J the reversal
+    permutation; overwritten: its diagonal takes the damping), H damped until it factors (a
+    rank-deficient covariance from few tokens needs more than the default).
 
-    One factorisation: with J the reversal permutation and J H J = L L^T, U = J L^-1 J (upper, and
-    U^T U = J L^-T L^-1 J = (J J H J J)^-1 = H^-1), where GPTQ's reference inverts H and factors the
-    inverse (three K^3-sized steps instead of two smaller ones: a 4608-wide layer's 46 s of 75 s).
-    L^-1 comes from LAPACK's triangular inverse (trtri, K^3/3 flops; torch exposes only a
-    triangular solve against the identity, K^3: 1.47 s against 0.27 s at K = 4608, one thread)."""
-    k = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean()) or 1.0
-    eye = torch.eye(k, dtype=h.dtype)
-    flipped = h.flip(0, 1)
+    One factorisation: with J H J = L L^T, U = J L^-1 J (upper, and U^T U = J L^-T L^-1 J =
+    (J J H J J)^-1 = H^-1), where GPTQ's reference inverts H and factors the inverse (three
+    K^3-sized steps instead of two smaller ones: a 4608-wide layer's 46 s of 75 s). L^-1 comes
+    from LAPACK's triangular inverse (trtri, K^3/3 flops; torch exposes only a triangular solve
+    against the identity, K^3: 1.47 s against 0.27 s at K = 4608, one thread), computed over the
+    factor's own memory (torch returns it column-major, as LAPACK wants it) and the damping added
+    to the diagonal in place: at K = 4608 each layer-sized copy is 85 MB, and five of them were a
+    quarter of the layer's GPTQ time."""
+    mean_diag = mean_diag or 1.0
+    diag = torch.diagonal(flipped)
+    undamped = diag.clone()
     for extra in (1.0, 10.0, 100.0, 1000.0):
-        chol, info = torch.linalg.cholesky_ex(flipped + eye * (damp * extra * mean_diag))
+        torch.add(undamped, damp * extra * mean_diag, out=diag)
+        chol, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
-            inv, info = _triangular_inverse(chol.numpy())
-            inv = torch.from_numpy(inv).tril_()  # trtri leaves the untouched upper triangle as it was (zeros)
-            if int(info) == 0 and bool(torch.isfinite(inv).all()):
+            # the factor's upper triangle is zero and trtri leaves it as it is
+            inv, info = _triangular_inverse_in_place(chol.numpy())
+            inv = torch.from_numpy(inv)
+            # finite iff its sum is (an inf or NaN anywhere makes the sum one): a pass without the
+            # Gram-sized mask isfinite() builds
+            if int(info) == 0 and math.isfinite(float(inv.sum())):
                 return inv.flip(0, 1)
     raise ValueError("the input covariance does not factor even when damped; check the model's inputs")
 
@@ -88,34 +97,41 @@ def gptq_round(w: torch.Tensor, cov: torch.Tensor, main: QTensor, opts: GptqOpti
     k, n = w.shape
     fmt = main.fmt
     g = fmt.block_size(k)
-    h = cov.to(dtype).clone()
-    w = w.to(dtype).clone()
-    dead = torch.diagonal(h) <= 0  # inputs that never vary: their rows matter only through the bias
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if opts.act_order else torch.arange(k)
-    w, h = w[perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h, opts.damp)
+    diag = torch.diagonal(cov).to(dtype)
+    dead = diag <= 0  # inputs that never vary: their rows matter only through the bias
+    diag = diag.masked_fill(dead, 1.0)
+    perm = torch.argsort(diag, descending=True, stable=True) if opts.act_order else torch.arange(k)
+    w = w[perm].to(dtype)
+    reverse = perm.flip(0)
+    flipped = cov.index_select(0, reverse).index_select(1, reverse).to(dtype)  # J P^T H P J
+    torch.diagonal(flipped).copy_(diag[reverse])
+    hinv = _inverse_factor_of_reversed(flipped, float(diag[perm].mean()), opts.damp)
+    del flipped
     scale = main.scale.to(dtype)[perm // g]  # each row's block parameters, in the rounding order
     zero = None if main.zero_point is None else main.zero_point.to(dtype)[perm // g]
-    out = torch.zeros_like(w)
+    out = torch.empty_like(w)
+    spread = torch.empty(opts.block, n, dtype=dtype)
     for i1 in range(0, k, opts.block):
         i2 = min(i1 + opts.block, k)
-        w1 = w[i1:i2].clone()
-        err = torch.zeros_like(w1)
+        w1 = w[i1:i2]  # rounded in place: the rows before i2 are not read again
+        err = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            row, s = w1[i], scale[i1 + i]
-            q = torch.round(row / s)
+            # written into the output row and preallocated buffers rather than fresh temporaries
+            # per row; the same operations in the same order, so the codes are bit-identical
+            row, s, q, e = w1[i], scale[i1 + i], out[i1 + i], err[i]
+            torch.div(row, s, out=q).round_()
             if zero is None:
-                q = q.clamp(fmt.qmin, fmt.qmax) * s
+                q.clamp_(fmt.qmin, fmt.qmax)
             else:
                 z = zero[i1 + i]
-                q = ((q + z).clamp(fmt.qmin, fmt.qmax) - z) * s
-            out[i1 + i] = q
-            e = (row - q) / h1[i, i]
-            w1[i:] -= torch.outer(h1[i, i:], e)
-            err[i] = e
-        w[i2:] -= hinv[i1:i2, i2:].T @ err
+                q.add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z)
+            q.mul_(s)
+            torch.sub(row, q, out=e).div_(h1[i, i])
+            rest = i2 - i1 - i - 1  # row i itself is rounded: only the rows after it take its error
+            if rest:
+                w1[i + 1:].sub_(torch.mul(h1[i, i + 1:, None], e, out=spread[:rest]))
+        w[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
     return out[torch.argsort(perm)].float()
 
 
