@@ -70,8 +70,8 @@ def _inverse_factor_of_reversed(flipped: torch.Tensor, mean_diag: float, damp: f
     from LAPACK's triangular inverse (trtri, K^3/3 flops; torch exposes only a triangular solve
     against the identity, K^3: 1.47 s against 0.27 s at K = 4608, one thread), computed over the
     factor's own memory (torch returns it column-major, as LAPACK wants it) and the damping added
-    to the diagonal in place: at K = 4608 each layer-sized copy is 85 MB, and five of them were a
-    quarter of the layer's GPTQ time."""
+    to the diagonal in place: at K = 4608 each K x K copy or mask is 85 MB, and the ones these
+    replace were about a quarter of the layer's GPTQ time."""
     mean_diag = mean_diag or 1.0
     diag = torch.diagonal(flipped)
     undamped = diag.clone()
