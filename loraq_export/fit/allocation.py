@@ -23,6 +23,7 @@ from calibless.input_stats import rotate_stats
 from calibless.methods import get_method
 from calibless.rotation import Rotation
 from loraq_export.errors import UserError
+from loraq_export.fit.block_replay import BlockReplay
 from loraq_export.fit.input_stats import resolve_stats
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
@@ -127,7 +128,8 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
         return None
     first, _ = loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[0]
     sample = tuple(t[:SENSITIVITY_SAMPLES] for t in first)  # inputs are batch-first
-    fp = loaded.wrapper(*sample).float()
+    replay = BlockReplay(loaded.module, lambda: loaded.wrapper(*sample))
+    fp = replay.reference().float()
     energy = max(float((fp ** 2).sum()), 1e-30)
     mods = dict(loaded.module.named_modules())
     out = {}
@@ -143,7 +145,8 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
             q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
             try:
                 lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(replacement_dtype(lin))
-                cache[key] = float(((loaded.wrapper(*sample).float() - fp) ** 2).sum()) / energy
+                out_q = replay.run_from(replay.block_of(p.name)).float()
+                cache[key] = float(((out_q - fp) ** 2).sum()) / energy
             finally:
                 lin.weight.data = saved
         out[p.name] = cache[key] / max(predicted, 1e-30)
