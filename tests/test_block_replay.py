@@ -61,21 +61,22 @@ class _Tracing(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, order=(0, 1, 2)):
+    def __init__(self, order=(0, 1, 2), as_dict=False):
         super().__init__()
         self.blocks = nn.ModuleList([_Tracing() for _ in range(3)])
-        self.order = order
+        self.order, self.as_dict = order, as_dict
 
     def forward(self, x):
         trace = []
         for i in self.order:
             x = self.blocks[i](x, trace)
-        return x + sum(trace) if self.order == (0, 1, 2) else x
+        out = x + sum(trace) if self.order == (0, 1, 2) else x
+        return {"out": out} if self.as_dict else out
 
 
 def test_replay_turns_off_for_side_effects_and_for_blocks_run_twice():
     x = torch.randn(4, 8)
-    for model in (_Stack(), _Stack(order=(0, 1, 2, 0)), _Stack(order=(1, 0, 2))):
+    for model in (_Stack(), _Stack(as_dict=True), _Stack(order=(0, 1, 2, 0)), _Stack(order=(1, 0, 2))):
         replay = BlockReplay(model, lambda: model(x))
         replay.reference()
         assert replay.record is None and replay.block_of("blocks.2.lin") == 0
