@@ -48,8 +48,13 @@ def predicted_errors(w: torch.Tensor, specs: Sequence[FitSpec], channel_weight: 
     w = w.detach().float()
     cw = torch.ones(w.shape[0]) if channel_weight is None else channel_weight.float().clamp_min(0)
 
+    cw64 = cw.double()
+
     def weighted(e: torch.Tensor) -> float:
-        return float((cw[:, None] * e.double() ** 2).sum())
+        # sum_k cw_k sum_n e_kn^2 in float64, as row sums: one layer-sized float64 pass fewer than
+        # (cw * e^2).sum(), which was half of this function's time
+        e = e.double()
+        return float(cw64 @ torch.linalg.vecdot(e, e, dim=1))
 
     residuals, factors = {}, {}
     max_rank = max((s.rank for s in specs if s.branch is not None), default=0)
