@@ -22,10 +22,13 @@ import random
 import re
 import site
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from loraq_export.store.outputs import write_bytes_atomic  # noqa: E402
+
 BUNDLED = REPO / "loraq_export" / "data" / "sentences.txt"
 MARKUP = re.compile(r"https?:|www\.|[<>{}\[\]|`#*=_\\]")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -75,10 +78,7 @@ def main(argv=None) -> int:
         return 1
     random.Random(args.seed).shuffle(pool)
     out = Path(args.out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(pool[:args.count]) + "\n")
-    os.replace(tmp, out)
+    write_bytes_atomic(out, ("\n".join(pool[:args.count]) + "\n").encode("utf-8"))
     print(f"{args.count} of {len(pool)} sentences -> {out}")
     return 0
 
