@@ -136,3 +136,31 @@ def test_a_budget_below_the_cheapest_allocation_is_refused(tmp_path):
     p = subprocess.run([sys.executable, "-m", "loraq_export.cli", "export", "--budget", "-3", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "--budget must be a positive number" in p.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_predicted_errors_do_not_depend_on_processes_or_threads(monkeypatch):
+    """The allocation's predicted errors are computed single-threaded, here or in worker
+    processes: the same numbers bit for bit either way and whatever torch's thread count (with
+    2 threads the randomized SVD's errors moved by up to 3e-4 relative)."""
+    import loraq_export.fit.allocation as alloc
+    from loraq_export.fit.prepare import prepare_fit
+    from loraq_export.models import load_model
+    loaded = load_model(None)
+    recipe = load_recipe(None, "loraq")
+    _, plans, _ = prepare_fit(loaded, recipe, 0, fold=False)  # with the input statistics
+    plans = [p for p in plans if p.quantize][:12]
+    runs = []
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(alloc, "POOL_MIN_WEIGHTS", 0)
+    try:
+        for workers, n_threads in ((1, 1), (1, 2), (2, 2)):
+            torch.set_num_threads(n_threads)
+            cache = {}
+            _, summary = alloc.allocate(loaded, recipe, plans, 4.8, "ort", 0, cache=cache, workers=workers)
+            assert torch.get_num_threads() == n_threads  # restored
+            runs.append(({k: v for k, v in cache.items() if k[0] == "costs"}, summary["layers"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs[0][0]) == 12
+    assert runs[1] == runs[0] and runs[2] == runs[0]

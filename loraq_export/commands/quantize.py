@@ -57,8 +57,9 @@ def fit_checkpointable(opts, dist: Dist):
     adapters = read_user_adapters(opts, loaded)  # a bad adapter fails before minutes of fitting
     times["load"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
+    workers = opts.workers if not dist.active else (opts.workers or 1)
     recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target,
-                                            opts.progress and dist.is_main)
+                                            opts.progress and dist.is_main, workers=workers)
     times["prepare"] = round(time.perf_counter() - t, 3)
     partial = PartialRun(opts.out, run_identity(opts, recipe, loaded))
     done = partial.load()
@@ -67,7 +68,6 @@ def fit_checkpointable(opts, dist: Dist):
         partial.start()
     dist.barrier()
     t = time.perf_counter()
-    workers = opts.workers if not dist.active else (opts.workers or 1)
     records = fit_layers(loaded.module, plans, recipe.method, seed=opts.seed, workers=workers,
                          progress=opts.progress and dist.is_main, done=done, on_fitted=partial.save,
                          shard=(dist.rank, dist.world))

@@ -56,7 +56,8 @@ def load_source(opts: Options, timer: Timer) -> ExportSource:
     with timer("load"):
         loaded = load_model(opts.model, opts.num_layers, opts.seed, opts.component)
     with timer("prepare"):
-        recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target, opts.progress)
+        recipe, plans, allocation = prepare_fit(loaded, recipe, opts.seed, budget, opts.target, opts.progress,
+                                                workers=opts.workers)
     return ExportSource(loaded, recipe, plans, None, loaded, allocation)
 
 

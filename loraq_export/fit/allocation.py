@@ -25,6 +25,7 @@ from calibless.rotation import Rotation
 from loraq_export.errors import UserError
 from loraq_export.fit.block_replay import BlockReplay
 from loraq_export.fit.input_stats import resolve_stats
+from loraq_export.fit.parallel import default_workers, map_single_threaded
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
 from loraq_export.models.stored_dtype import replacement_dtype
@@ -58,32 +59,49 @@ def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) 
 
 
 def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, target: str, seed: int = 0,
-             progress: bool = False, cache: Optional[dict] = None) -> tuple[Recipe, dict]:
+             progress: bool = False, cache: Optional[dict] = None,
+             workers: Optional[int] = None) -> tuple[Recipe, dict]:
     """The recipe with one override per quantized layer, and a summary for the report. ``cache``
     keeps predicted errors and layer sensitivities between calls on the same unchanged model (the
-    bench's budgets)."""
+    bench's budgets); ``workers``: processes predicting the errors (None: one per core)."""
     from tqdm import tqdm
     method = get_method(recipe.method)
     mods = dict(loaded.module.named_modules())
     cache = {} if cache is None else cache
-    chosen_from, costs, weights = {}, {}, 0
+    chosen_from, keys, weights = {}, {}, 0
     todo = [p for p in plans if p.quantize]
-    for p in tqdm(todo, desc=f"allocating {budget:g} bits", unit="layer", disable=not progress, dynamic_ncols=True):
+    for p in todo:
         cands = candidates(recipe.layer_recipe(p.name), p.in_features, p.out_features, method.uses_branch, target)
-        key = ("costs", p.name, tuple(c.name for c in cands), recipe.method, target, p.folded_by, seed)
-        if key not in cache:
-            specs = [_spec(recipe, c, target) for c in cands]
-            w = mods[p.name].weight.detach().float().T
-            rot = cands[0].rotation
-            if rot is not None and p.folded_by is None:
-                w = Rotation(rot).rotate_weight(w)
-            cw = None if p.input_stats is None else _channel_weight(p, rot)
-            errors = predicted_errors(w, specs, cw, seed)
-            bits = candidate_bits(p.in_features, p.out_features, specs, method.uses_branch, method.rotates)
-            cache[key] = [Cost(b, e) for b, e in zip(bits, errors)]
-        costs[p.name] = cache[key]
         chosen_from[p.name] = cands
+        keys[p.name] = ("costs", p.name, tuple(c.name for c in cands), recipe.method, target, p.folded_by, seed)
         weights += p.in_features * p.out_features
+    missing = [p for p in todo if keys[p.name] not in cache]
+    size = sum(p.in_features * p.out_features for p in missing)
+    workers = 1 if size < POOL_MIN_WEIGHTS else min(workers or default_workers(), len(missing))
+    bar = tqdm(total=len(missing), desc=f"allocating {budget:g} bits", unit="layer",
+               disable=not progress or not missing, dynamic_ncols=True)
+
+    by_name, specs_of = {p.name: p for p in missing}, {}
+
+    def job(p: LayerPlan) -> tuple:
+        specs = specs_of[p.name] = [_spec(recipe, c, target) for c in chosen_from[p.name]]
+        rot = chosen_from[p.name][0].rotation
+        rot = rot if rot is not None and p.folded_by is None else None
+        stats = None if p.input_stats is None else (p.input_stats if rot is not None else p.input_stats.mean_square())
+        return (p.name, mods[p.name].weight.detach().float().T.contiguous(), rot, stats, specs, seed)
+
+    def done(result: tuple) -> None:
+        name, errors = result
+        p = by_name[name]
+        bits = candidate_bits(p.in_features, p.out_features, specs_of.pop(name), method.uses_branch, method.rotates)
+        cache[keys[name]] = [Cost(b, e) for b, e in zip(bits, errors)]
+        bar.update(1)
+
+    try:
+        map_single_threaded(_predict_layer, missing, job, workers, done)
+    finally:
+        bar.close()
+    costs = {p.name: cache[keys[p.name]] for p in todo}
     sens = layer_sensitivity(loaded, todo, {n: (chosen_from[n][0], costs[n][0].error) for n in costs}, seed, progress,
                              cache)
     if sens is not None:  # each layer's errors in units of what they do to the model's output
@@ -153,15 +171,25 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
     return out
 
 
+# below this many weights to predict, starting worker processes costs more than it saves (MiniLM,
+# 21M weights: ~3 s single-threaded)
+POOL_MIN_WEIGHTS = 32_000_000
+
+
+def _predict_layer(name: str, w_kn: torch.Tensor, rot: Optional[int], stats, specs: list, seed: int) -> tuple:
+    """(name, predicted errors) of one layer, single-threaded in a worker; ``stats``: the
+    input statistics when the layer is rotated (its channel weights are the rotated input's), else
+    the channel weights themselves, or None."""
+    if rot is not None:
+        w_kn = Rotation(rot).rotate_weight(w_kn)
+        if stats is not None:
+            stats = rotate_stats(resolve_stats(stats), Rotation(rot)).mean_square()
+    return name, predicted_errors(w_kn, specs, stats, seed)
+
+
 def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
     one = replace(recipe, layer=lr, overrides=()).for_target(target)
     return one.spec_for("")
-
-
-def _channel_weight(p: LayerPlan, rot: Optional[int]):
-    if rot is None or p.folded_by is not None:
-        return p.input_stats.mean_square()
-    return rotate_stats(resolve_stats(p.input_stats), Rotation(rot)).mean_square()
 
 
 def write_allocation(path: Path, recipe: Recipe, summary: dict) -> None:

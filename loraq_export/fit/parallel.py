@@ -35,7 +35,6 @@ def layer_seed(seed: int, name: str) -> int:
 
 def _fit_one(name: str, weight_kn: torch.Tensor, spec: FitSpec, method: str, seed: int,
              folded_by: Optional[str], input_stats: Optional[InputStats]) -> tuple[str, LayerRecord]:
-    torch.set_num_threads(1)
     try:
         return name, fit_layer(weight_kn, spec, method, seed=layer_seed(seed, name), folded_by=folded_by,
                                input_stats=resolve_stats(input_stats))
@@ -74,28 +73,36 @@ def fit_layers(module: nn.Module, plans: list[LayerPlan], method: str, seed: int
                 p.input_stats if stats else None)
 
     try:
-        if workers == 1:
-            threads = torch.get_num_threads()
-            try:
-                for p in todo:
-                    name, rec = _fit_one(*job(p))
-                    _finish(done, name, rec, on_fitted, bar)
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            ctx = mp.get_context("spawn")  # fork after torch started its thread pools can hang
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                queue, running = list(reversed(todo)), set()
-                while queue or running:
-                    while queue and len(running) < IN_FLIGHT_PER_WORKER * workers:
-                        running.add(pool.submit(_fit_one, *job(queue.pop())))
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        name, rec = fut.result()
-                        _finish(done, name, rec, on_fitted, bar)
+        map_single_threaded(_fit_one, todo, job, workers, lambda r: _finish(done, *r, on_fitted, bar))
     finally:
         bar.close()
     return done
+
+
+def map_single_threaded(fn: Callable, items: list, make_args: Callable, workers: int,
+                        on_result: Callable) -> None:
+    """``on_result(fn(*make_args(item)))`` for every item, in the order they finish: in ``workers``
+    spawned processes, or in this one when 1, single-threaded either way, so that no result depends
+    on the number of cores. Arguments are built as jobs are submitted (a few per worker): a copy of
+    every layer's weight at once would double a large model's memory."""
+    if workers == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                on_result(fn(*make_args(item)))
+        finally:
+            torch.set_num_threads(threads)
+        return
+    ctx = mp.get_context("spawn")  # fork after torch started its thread pools can hang
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        queue, running = list(reversed(items)), set()
+        while queue or running:
+            while queue and len(running) < IN_FLIGHT_PER_WORKER * workers:
+                running.add(pool.submit(fn, *make_args(queue.pop())))
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                on_result(fut.result())
 
 
 def _finish(done, name, rec, on_fitted, bar):

@@ -15,17 +15,19 @@ from loraq_export.fit.recipes import Recipe
 
 def prepare_fit(loaded, recipe: Recipe, seed: int, budget: Optional[float] = None, target: str = "ort",
                 progress: bool = False, fold: bool = True, stats: Optional[dict] = None,
-                allocation_cache: Optional[dict] = None) -> tuple[Recipe, list[LayerPlan], Optional[dict]]:
+                allocation_cache: Optional[dict] = None,
+                workers: Optional[int] = None) -> tuple[Recipe, list[LayerPlan], Optional[dict]]:
     """(recipe to fit, plans, allocation summary or None). ``fold`` False leaves the model as it is
     (the bench shares one loaded model between pairs); ``stats``: a cache of input statistics by
     layer name, filled as needed, and ``allocation_cache`` the allocation's (both valid only
-    for an unfolded model)."""
+    for an unfolded model); ``workers``: processes predicting the allocation's errors (None: one
+    per core)."""
     plans = plan_and_fold(loaded, recipe, seed) if fold else plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     if get_method(recipe.method).uses_input_stats or budget is not None:
         attach_input_stats(loaded, plans, seed, progress, stats)
     if budget is None:
         return recipe, plans, None
-    recipe, summary = allocate(loaded, recipe, plans, budget, target, seed, progress, allocation_cache)
+    recipe, summary = allocate(loaded, recipe, plans, budget, target, seed, progress, allocation_cache, workers)
     before = {p.name: p for p in plans}
     plans = plan_layers(loaded.module, recipe, loaded.select, loaded.name)
     for p in plans:  # the allocation changes formats only: folds and statistics still hold
