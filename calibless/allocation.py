@@ -56,18 +56,18 @@ def predicted_errors(w: torch.Tensor, specs: Sequence[FitSpec], channel_weight: 
         e = e.double()
         return float(cw64 @ torch.linalg.vecdot(e, e, dim=1))
 
-    residuals, factors = {}, {}
+    residuals, factors, plain = {}, {}, {}
     max_rank = max((s.rank for s in specs if s.branch is not None), default=0)
     out = []
     for s in specs:
         fmt = s.main.weight
         if fmt not in residuals:
             main, _ = quantize_mse(w, fmt)
-            residuals[fmt] = w - main.dequantize()
-            factors[fmt] = top_r(residuals[fmt] * cw.sqrt()[:, None], max_rank, seed) if max_rank else None
-        r = residuals[fmt]
+            r = w - main.dequantize()
+            residuals[fmt], plain[fmt] = r.double(), weighted(r)
+            factors[fmt] = top_r(r * cw.sqrt()[:, None], max_rank, seed) if max_rank else None
         if s.branch is None or s.rank == 0:
-            out.append(weighted(r))
+            out.append(plain[fmt])
             continue
         # the SVD of the channel-weighted residual is the best rank-r fit in this error's metric
         a, b = factors[fmt]
@@ -78,8 +78,20 @@ def predicted_errors(w: torch.Tensor, specs: Sequence[FitSpec], channel_weight: 
             b = fake_quant_weight(b, up_format(s.branch))
         else:
             a, b = a.half().float(), b.half().float()
-        out.append(weighted(r - a @ b))
+        out.append(_weighted_after_branch(residuals[fmt], plain[fmt], a.double(), b.double(), cw64))
     return out
+
+
+def _weighted_after_branch(r: torch.Tensor, plain: float, a: torch.Tensor, b: torch.Tensor,
+                           cw: torch.Tensor) -> float:
+    """sum_k cw_k |row k of (r - a b)|^2 from ``plain`` (the same sum for r alone) without forming
+    r - a b: plain - 2 sum_k cw_k a_k . (r b^T)_k + tr(a^T diag(cw) a b b^T). All float64; the
+    (K, N) products of the direct form were most of the allocation's prediction time, this costs
+    one (K, N, rank) product. ``r``, ``a``, ``b``, ``cw`` are float64."""
+    ca = a * cw[:, None]
+    cross = float(torch.linalg.vecdot(ca, r @ b.T, dim=1).sum())
+    quad = float(((a.T @ ca) * (b @ b.T)).sum())
+    return max(plain - 2 * cross + quad, 0.0)
 
 
 def candidate_bits(k: int, n: int, specs: Sequence[FitSpec], with_branch: bool, permuted: bool = False) -> list[int]:

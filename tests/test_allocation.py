@@ -164,3 +164,25 @@ def test_predicted_errors_do_not_depend_on_processes_or_threads(monkeypatch):
         torch.set_num_threads(threads)
     assert len(runs[0][0]) == 12
     assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_error_after_a_branch_equals_the_direct_sum():
+    """The predicted error after a branch, from the residual's own sum and two small products,
+    equals sum_k cw_k |row k of (r - a b)|^2 formed directly (float64), for branches that remove
+    little or most of the residual, with channel weights that are zero on some channels."""
+    from calibless.allocation import _weighted_after_branch
+    g = torch.Generator().manual_seed(3)
+    k, n, rank = 96, 160, 12
+    cw = torch.rand(k, generator=g, dtype=torch.float64) * 3
+    cw[::7] = 0
+    u = torch.randn(k, rank, generator=g, dtype=torch.float64)
+    v = torch.randn(rank, n, generator=g, dtype=torch.float64)
+    for noise in (1.0, 0.01):  # a residual mostly outside / mostly inside the branch's span
+        r = u @ v + noise * torch.randn(k, n, generator=g, dtype=torch.float64)
+        a = u + 0.05 * torch.randn(k, rank, generator=g, dtype=torch.float64)  # quantized factors: near, not equal
+        b = v + 0.05 * torch.randn(rank, n, generator=g, dtype=torch.float64)
+        plain = float((cw[:, None] * r ** 2).sum())
+        direct = float((cw[:, None] * (r - a @ b) ** 2).sum())
+        assert abs(_weighted_after_branch(r, plain, a, b, cw) - direct) <= 1e-9 * direct
+        if noise < 1:  # the case with cancellation: the branch really removes most of r
+            assert direct < 0.05 * plain
