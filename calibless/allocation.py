@@ -50,12 +50,6 @@ def predicted_errors(w: torch.Tensor, specs: Sequence[FitSpec], channel_weight: 
 
     cw64 = cw.double()
 
-    def weighted(e: torch.Tensor) -> float:
-        # sum_k cw_k sum_n e_kn^2 in float64, as row sums: one layer-sized float64 pass fewer than
-        # (cw * e^2).sum(), which was half of this function's time
-        e = e.double()
-        return float(cw64 @ torch.linalg.vecdot(e, e, dim=1))
-
     residuals, factors, plain = {}, {}, {}
     max_rank = max((s.rank for s in specs if s.branch is not None), default=0)
     out = []
@@ -64,7 +58,11 @@ def predicted_errors(w: torch.Tensor, specs: Sequence[FitSpec], channel_weight: 
         if fmt not in residuals:
             main, _ = quantize_mse(w, fmt)
             r = w - main.dequantize()
-            residuals[fmt], plain[fmt] = r.double(), weighted(r)
+            r64 = r.double()
+            # sum_k cw_k sum_n r_kn^2 in float64, as row sums: one layer-sized float64 pass fewer
+            # than (cw * r^2).sum()
+            plain[fmt] = float(cw64 @ torch.linalg.vecdot(r64, r64, dim=1))
+            residuals[fmt] = r64 if max_rank else None  # the branch candidates' sums read it
             factors[fmt] = top_r(r * cw.sqrt()[:, None], max_rank, seed) if max_rank else None
         if s.branch is None or s.rank == 0:
             out.append(plain[fmt])
