@@ -37,6 +37,17 @@ def hadamard(b: int, dtype=torch.float32) -> torch.Tensor:
     return _hadamard64(b).to(dtype)
 
 
+def rotation_block(block: int, width: int) -> int:
+    """The block that ``-had<block>`` rotates a ``width``-wide input with: ``block`` where it
+    divides the width, else the largest smaller power of two that does (SANA-1.6B's 2240 inputs
+    take 64 under -had128: 2240 = 64 x 35), so one recipe fits every layer of a model; 1 (no
+    rotation possible) only for an odd width. Hadamard matrices of other orders exist only for
+    some sizes (12, 20, ...) and have no fast structure, so non-power-of-two blocks are not used."""
+    while block > 1 and width % block:
+        block //= 2
+    return block
+
+
 def block_hadamard(x: torch.Tensor, b: int) -> torch.Tensor:
     """``x`` times blockdiag(H_b, ..., H_b) along its last axis, computed as the graph does."""
     k = x.shape[-1]

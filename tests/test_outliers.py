@@ -11,7 +11,7 @@ from torch import nn
 from calibless.formats import ActFormat, FitSpec, branch_format, main_format
 from calibless.methods import fit_layer
 from calibless.quant import fake_quant_act
-from calibless.rotation import Rotation, block_hadamard, hadamard
+from calibless.rotation import Rotation, block_hadamard, hadamard, rotation_block
 from graphs.qdq import hadamard_matrix
 from graphs.targets import legalize
 from loraq_export.cli import main
@@ -98,7 +98,6 @@ def test_rotation_is_computed_once_for_inputs_read_by_several_layers():
 @pytest.mark.parametrize("args,needle", [
     (["--recipe", "w4a4-g64-ag48-r32-w8a8"], "activation group 48 is not a power of two"),
     (["--recipe", "w4a16-g64-had96"], "Hadamard block 96 is not a power of two"),
-    (["--recipe", "w4a16-g64-r32-w4a16-had256"], "Hadamard block -had256 does not divide the 384 inputs"),
     (["--recipe", "w4a4-g64-ag256-r32-w8a8"], "activation group -ag256 does not divide the 384 inputs"),
     (["--recipe", "w4a16-g64-ag64"], "quantizes none"),
     (["--recipe", "w4a4-g64-had64-ag64"], "unexpected 'ag64'"),
@@ -109,6 +108,43 @@ def test_bad_groups_and_blocks_are_refused_with_one_line(tmp_path, capsys, args,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("loraq: error:") and needle in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("block,width,expected", [(128, 1152, 128), (128, 2240, 64), (256, 384, 128),
+                                                  (64, 96, 32), (16, 4608, 16), (128, 35, 1)])
+def test_rotation_block_is_the_largest_power_of_two_up_to_b_dividing_the_width(block, width, expected):
+    assert rotation_block(block, width) == expected
+
+
+def test_a_hadamard_block_wider_than_a_layer_allows_is_lowered_for_that_layer():
+    """-had128 on a 192-wide input (SANA-1.6B's 2240 in small): that layer rotates by 64, the
+    other by 128, and the graph agrees with torch."""
+    class Mlp192(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.up, self.down = nn.Linear(128, 192), nn.Linear(192, 128)
+
+        def forward(self, x):
+            return self.down(nn.functional.gelu(self.up(x))) + x
+
+    model = mlp_model()
+    model.module = model.wrapper = Mlp192().eval()
+    records = fit_all(model, "w4a16-g64-r16-w4a16-had128", "loraq")
+    assert {n: r.rotation.block for n, r in records.items()} == {"up": 128, "down": 64}
+    graph, v = export_and_validate(model, records)
+    assert v["passed"] and v["worst_layer"]["rel_l2"] < 1e-2
+    inits = {i.name: tuple(i.dims) for i in graph.graph.initializer if "hadamard" in i.name}
+    assert sorted(set(inits.values())) == [(64, 64), (128, 128)], inits
+
+
+def test_an_odd_width_cannot_be_rotated_and_is_refused_with_its_name():
+    from loraq_export.errors import UserError
+    from loraq_export.fit.plan import plan_layers
+    from loraq_export.fit.recipes import load_recipe
+    odd = nn.Sequential(nn.Linear(128, 97), nn.Linear(97, 64))
+    with pytest.raises(UserError, match="no Hadamard block divides the 97 inputs of layer 1"):
+        plan_layers(odd, load_recipe("w4a16-gch-had64", "rtn"), lambda n, m: (True, "test"))
 
 
 def test_folds_keep_the_fp_model_and_need_no_online_op():

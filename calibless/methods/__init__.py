@@ -19,7 +19,7 @@ from calibless.config import ConfigError, from_dict
 from calibless.formats import FitSpec
 from calibless.input_stats import InputStats, rotate_stats
 from calibless.record import LayerRecord, relative_error
-from calibless.rotation import Rotation
+from calibless.rotation import Rotation, rotation_block
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
               folded_by: Optional[str] = None, input_stats: Optional[InputStats] = None) -> LayerRecord:
     """Fit one layer and record the method, time and relative weight error in ``stats``.
 
-    With ``spec.rotation`` the weight is rotated offline (H^T W) and the method fits that; the
-    record carries the rotation, applied online to the input. ``folded_by`` names the producer
+    With ``spec.rotation`` the weight is rotated offline (H^T W, blocks of
+    ``rotation_block(spec.rotation, in_features)``) and the method fits that; the record carries
+    the rotation, applied online to the input. ``folded_by`` names the producer
     layer that already applies it: ``w`` is then the model's weight, already rotated (see
     loraq_export/fit/folds.py), and the rotation is recorded, not applied. ``input_stats``: the
     statistics of the layer's (unrotated, or already folded) input, for methods that take them."""
@@ -93,8 +94,9 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
     if folded_by is not None and (m.rotates or spec.rotation is None):
         raise ValueError(f"method {method!r}: a folded rotation needs the recipe's -had<B> and a method that does "
                          "not choose its own rotation")
-    if spec.rotation is not None and w.shape[0] % spec.rotation:
-        raise ValueError(f"Hadamard block {spec.rotation} does not divide in_features {w.shape[0]}")
+    block = None if spec.rotation is None else rotation_block(spec.rotation, w.shape[0])
+    if block == 1:
+        raise ValueError(f"Hadamard block {spec.rotation}: no power of two divides in_features {w.shape[0]}")
     if input_stats is not None and input_stats.total.shape[0] != w.shape[0]:
         raise ValueError(f"input statistics are {input_stats.total.shape[0]} wide, the layer has {w.shape[0]} inputs")
     takes_stats = m.uses_input_stats and (fit is m.fit or fit is m.without_branch)
@@ -104,9 +106,9 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
         with torch.no_grad():
             if folded_by is not None:  # the model's weight is already in the rotated basis
                 q = fit(w, spec, seed=seed, **kwargs)
-                q.rotation = Rotation(spec.rotation, folded=folded_by)
+                q.rotation = Rotation(block, folded=folded_by)
             elif spec.rotation is not None and not m.rotates:
-                rot = Rotation(spec.rotation)
+                rot = Rotation(block)
                 if kwargs.get("input_stats") is not None:
                     kwargs["input_stats"] = rotate_stats(input_stats, rot)
                 q = fit(rot.rotate_weight(w), spec, seed=seed, **kwargs)

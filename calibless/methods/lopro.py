@@ -23,7 +23,7 @@ import torch
 from calibless.lowrank import r1svd
 from calibless.methods import register_method
 from calibless.record import Branch, LayerRecord, QTensor
-from calibless.rotation import Rotation
+from calibless.rotation import Rotation, rotation_block
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class LoproOptions:
 def fit_lopro(w, spec, seed=0):
     from calibless.methods.loraq import quantize_mse
     opts = spec.options
-    block = spec.rotation or opts.block
-    if w.shape[0] % block:
-        raise ValueError(f"Hadamard block {block} does not divide in_features {w.shape[0]}; set -had<B> or "
-                         "the lopro option block to one that does")
+    block = rotation_block(spec.rotation or opts.block, w.shape[0])
+    if block == 1:
+        raise ValueError(f"no power of two divides in_features {w.shape[0]}: LoPRo's Hadamard rotation needs an "
+                         "even width; use another method for this layer")
     a, b = r1svd(w, spec.rank, seed, opts.power_iters)
     first = Branch.from_float(a, b, spec.branch)
     residual_norms = (w - first.down_weight() @ first.up_weight()).norm(dim=1)

@@ -21,7 +21,7 @@ import torch
 from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
 from calibless.input_stats import rotate_stats
 from calibless.methods import get_method
-from calibless.rotation import Rotation
+from calibless.rotation import Rotation, rotation_block
 from loraq_export.errors import UserError
 from loraq_export.fit.block_replay import BlockReplay
 from loraq_export.fit.input_stats import resolve_stats
@@ -86,7 +86,7 @@ def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, targ
     def job(p: LayerPlan) -> tuple:
         specs = specs_of[p.name] = [_spec(recipe, c, target) for c in chosen_from[p.name]]
         rot = chosen_from[p.name][0].rotation
-        rot = rot if rot is not None and p.folded_by is None else None
+        rot = rotation_block(rot, p.in_features) if rot is not None and p.folded_by is None else None
         stats = None if p.input_stats is None else (p.input_stats if rot is not None else p.input_stats.mean_square())
         return (p.name, mods[p.name].weight.detach().float().T.contiguous(), rot, stats, specs, seed)
 
@@ -159,7 +159,8 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
             lin = mods[p.name]
             saved = lin.weight.data
             w = saved.float().T
-            rot = None if lr.rotation is None or p.folded_by is not None else Rotation(lr.rotation)
+            rot = (None if lr.rotation is None or p.folded_by is not None
+                   else Rotation(rotation_block(lr.rotation, p.in_features)))
             q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
             try:
                 lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(replacement_dtype(lin))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from calibless.methods import get_method
-from calibless.rotation import block_hadamard
+from calibless.rotation import block_hadamard, rotation_block
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.models.stored_dtype import to_float32
 
@@ -80,8 +80,9 @@ def fold_rotations(module: nn.Module, plans: list[LayerPlan], run_model: Optiona
         lin = mods[producer]
         if lin.out_features != p.in_features or lin.out_features % heads:
             continue
-        if (lin.out_features // heads) % p.spec.rotation == 0:
-            candidates[p.name] = (producer, p.spec.rotation)
+        block = rotation_block(p.spec.rotation, p.in_features)  # the block fit_layer records
+        if (lin.out_features // heads) % block == 0:
+            candidates[p.name] = (producer, block)
     if not candidates:
         return {}
     with torch.no_grad():

@@ -2,8 +2,9 @@
 
 A layer is quantized when the recipe's include/exclude patterns (or else the model's own rule)
 select it and its in_features is divisible by the recipe's group size (never padded: otherwise it
-stays in high precision and the report says why). A rank above min(in, out), or a Hadamard block
-or activation group that does not divide a selected layer's in_features, is an error.
+stays in high precision and the report says why). A rank above min(in, out), an activation group
+that does not divide a selected layer's in_features, or a Hadamard rotation of an odd width, is an
+error (a -had<B> block that does not divide the width is lowered to one that does).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 from calibless.formats import FitSpec
 from calibless.input_stats import InputStats
 from calibless.methods import get_method
+from calibless.rotation import rotation_block
 from loraq_export.errors import UserError
 from loraq_export.fit.recipes import Recipe
 
@@ -79,9 +81,14 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
 
 
 def _check_blocks(name: str, k: int, spec: FitSpec, recipe: str) -> None:
-    """-had<B> and -ag<N> must split every selected layer's input width (never padded)."""
+    """-ag<N> must split every selected layer's input width (never padded); -had<B> takes the
+    largest power of two up to B that does (calibless.rotation.rotation_block), so it fails only
+    on an odd width."""
+    if spec.rotation is not None and rotation_block(spec.rotation, k) == 1:
+        raise UserError(f"recipe {recipe}: no Hadamard block divides the {k} inputs of layer {name} (an odd "
+                        "width); exclude the layer or drop -had")
     acts = [spec.main.act] + ([spec.branch.act] if spec.branch is not None else [])
-    for what, n in (("Hadamard block -had", spec.rotation), *(("activation group -ag", a.group_size) for a in acts)):
+    for what, n in (("activation group -ag", a.group_size) for a in acts):
         if n is not None and k % n:
             raise UserError(f"recipe {recipe}: {what}{n} does not divide the {k} inputs of layer {name}; "
                             f"use a block that divides {k}, or exclude the layer")
