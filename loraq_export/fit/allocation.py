@@ -182,9 +182,10 @@ def _predict_layer(name: str, w_kn: torch.Tensor, rot: Optional[int], stats, spe
     input statistics when the layer is rotated (its channel weights are the rotated input's), else
     the channel weights themselves, or None."""
     if rot is not None:
-        w_kn = Rotation(rot).rotate_weight(w_kn)
+        rotation = Rotation(rot)
+        w_kn = rotation.rotate_weight(w_kn)
         if stats is not None:
-            stats = rotate_stats(resolve_stats(stats), Rotation(rot)).mean_square()
+            stats = rotate_stats(resolve_stats(stats), rotation).mean_square()
     return name, predicted_errors(w_kn, specs, stats, seed)
 
 
