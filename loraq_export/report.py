@@ -23,7 +23,8 @@ def layer_table(plans: list[LayerPlan], records: dict) -> list[dict]:
                        group=rec.weight.fmt.group_size,
                        branch=None if rec.branch is None else f"r{rec.branch.rank} {rec.branch.fmt.name}",
                        bias_shift=rec.bias_shift is not None,
-                       rotation=rotation_status(rec))
+                       rotation=rotation_status(rec),
+                       rotation_block=None if rec.rotation is None else rec.rotation.block)
         rows.append(row)
     return rows
 
@@ -98,10 +99,14 @@ def format_summary(report: dict, out: Path) -> str:
         lines.append(f"  allocation: --budget {a['budget']:g} -> {a['bits_per_weight']:.4f} bits/weight, "
                      f"{len(counts)} distinct layer recipes ({common}{', ...' if len(counts) > 3 else ''}); "
                      f"{a['file']}")
-    rot = [l["rotation"] for l in report["layers"] if l.get("rotation", "off") != "off"]
+    rot = [l for l in report["layers"] if l.get("rotation", "off") != "off"]
     if rot:
-        folded = sum(r.startswith("folded") for r in rot)
-        lines.append(f"  rotation: {len(rot) - folded} layer(s) rotated online, {folded} folded into their producer")
+        folded = sum(l["rotation"].startswith("folded") for l in rot)
+        # a -had<B> block is lowered on layers whose width B does not divide: say on how many
+        blocks = Counter(l.get("rotation_block") for l in rot)
+        by_block = ", ".join(f"{n} x {b}" for b, n in sorted(blocks.items(), key=lambda x: -(x[0] or 0)))
+        lines.append(f"  rotation: {len(rot) - folded} layer(s) rotated online, {folded} folded into their producer "
+                     f"(blocks: {by_block})")
     if v is not None:
         lines.append(f"  ONNX Runtime vs torch: layers agree to {v['worst_layer']['rel_l2']:.1e} (rel L2; "
                      f"{v['worst_layer']['disagreeing']:.2%} of elements off), "

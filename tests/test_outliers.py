@@ -1,6 +1,7 @@
 """Activation groups (-ag<N>) and online rotation (-had<B>), data-free outlier handling: the torch
 reference, the ONNX graph and the checkpoint agree, rotations are exact, bad values are refused."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -170,7 +171,7 @@ def test_folds_keep_the_fp_model_and_need_no_online_op():
 
 
 @pytest.mark.slow
-def test_rotated_checkpoints_round_trip_exactly(tmp_path):
+def test_rotated_checkpoints_round_trip_exactly(tmp_path, capsys):
     """quantize -> export CKPT is byte-identical to a direct export, for online, folded and
     permuted rotations; the report says which."""
     common = ["pixart-sigma", "--num-layers", "1", "--workers", "1", "--no-progress", "--seed", "2"]
@@ -178,7 +179,11 @@ def test_rotated_checkpoints_round_trip_exactly(tmp_path):
     for recipe, method in (("w4a8-g32-ag16-r8-w8a8-had8", "lqer"), ("w4a16-g32-r8-w4a16-had32", "lopro")):
         ck, a, b = (tmp_path / f"{method}-{n}" for n in ("ck", "a", "b"))
         assert main(["quantize", *common, "--recipe", recipe, "--method", method, "--out", str(ck)]) == 0
+        capsys.readouterr()
         assert main(["export", str(ck), "--out", str(a), "--no-progress", "--no-quality"]) == 0
+        block, folds = (8, 2) if method == "lqer" else (32, 0)
+        assert re.search(rf"rotation: \d+ layer\(s\) rotated online, {folds} folded into their producer "
+                         rf"\(blocks: \d+ x {block}\)$", capsys.readouterr().out, re.M)
         assert main(["export", *common, "--recipe", recipe, "--method", method, "--out", str(b), "--no-quality"]) == 0
         assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
         rot = {l["name"]: l["rotation"] for l in json.loads((a / "report.json").read_text())["layers"] if l["quantized"]}
