@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from calibless.formats import ActFormat, FitSpec, branch_format, main_format
-from calibless.methods import fit_layer
+from calibless.formats import ActFormat
 from calibless.quant import fake_quant_act
 from calibless.rotation import Rotation, block_hadamard, hadamard, rotation_block
 from graphs.qdq import hadamard_matrix
