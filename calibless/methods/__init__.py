@@ -96,7 +96,8 @@ def fit_layer(w: torch.Tensor, spec: FitSpec, method: str, seed: int = 0,
                          "not choose its own rotation")
     block = None if spec.rotation is None else rotation_block(spec.rotation, w.shape[0])
     if block == 1:
-        raise ValueError(f"Hadamard block {spec.rotation}: no power of two divides in_features {w.shape[0]}")
+        raise ValueError(f"-had{spec.rotation}: in_features {w.shape[0]} is odd, no Hadamard block (a power of two "
+                         "from 2) divides it")
     if input_stats is not None and input_stats.total.shape[0] != w.shape[0]:
         raise ValueError(f"input statistics are {input_stats.total.shape[0]} wide, the layer has {w.shape[0]} inputs")
     takes_stats = m.uses_input_stats and (fit is m.fit or fit is m.without_branch)

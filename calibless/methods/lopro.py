@@ -46,8 +46,8 @@ def fit_lopro(w, spec, seed=0):
     opts = spec.options
     block = rotation_block(spec.rotation or opts.block, w.shape[0])
     if block == 1:
-        raise ValueError(f"no power of two divides in_features {w.shape[0]}: LoPRo's Hadamard rotation needs an "
-                         "even width; use another method for this layer")
+        raise ValueError(f"in_features {w.shape[0]} is odd: LoPRo's Hadamard rotation needs an even width; use "
+                         "another method for this layer")
     a, b = r1svd(w, spec.rank, seed, opts.power_iters)
     first = Branch.from_float(a, b, spec.branch)
     residual_norms = (w - first.down_weight() @ first.up_weight()).norm(dim=1)
