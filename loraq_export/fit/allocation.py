@@ -85,8 +85,7 @@ def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, targ
 
     def job(p: LayerPlan) -> tuple:
         specs = specs_of[p.name] = [_spec(recipe, c, target) for c in chosen_from[p.name]]
-        rot = chosen_from[p.name][0].rotation
-        rot = rotation_block(rot, p.in_features) if rot is not None and p.folded_by is None else None
+        rot = _online_block(chosen_from[p.name][0], p)
         stats = None if p.input_stats is None else (p.input_stats if rot is not None else p.input_stats.mean_square())
         return (p.name, mods[p.name].weight.detach().float().T.contiguous(), rot, stats, specs, seed)
 
@@ -159,8 +158,8 @@ def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int
             lin = mods[p.name]
             saved = lin.weight.data
             w = saved.float().T
-            rot = (None if lr.rotation is None or p.folded_by is not None
-                   else Rotation(rotation_block(lr.rotation, p.in_features)))
+            block = _online_block(lr, p)
+            rot = None if block is None else Rotation(block)
             q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
             try:
                 lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(replacement_dtype(lin))
@@ -187,6 +186,14 @@ def _predict_layer(name: str, w_kn: torch.Tensor, rot: Optional[int], stats, spe
         if stats is not None:
             stats = rotate_stats(resolve_stats(stats), rotation).mean_square()
     return name, predicted_errors(w_kn, specs, stats, seed)
+
+
+def _online_block(lr: LayerRecipe, p: LayerPlan) -> Optional[int]:
+    """The Hadamard block the fit will apply to layer ``p``'s weight under ``lr`` (None: no
+    rotation, or one folded into the producer, where the model's weight is already rotated)."""
+    if lr.rotation is None or p.folded_by is not None:
+        return None
+    return rotation_block(lr.rotation, p.in_features)
 
 
 def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
