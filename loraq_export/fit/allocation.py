@@ -21,14 +21,13 @@ import torch
 from calibless.allocation import Cost, candidate_bits, choose, predicted_errors
 from calibless.input_stats import rotate_stats
 from calibless.methods import get_method
-from calibless.rotation import Rotation, rotation_block
+from calibless.rotation import Rotation
 from loraq_export.errors import UserError
-from loraq_export.fit.block_replay import BlockReplay
 from loraq_export.fit.input_stats import resolve_stats
 from loraq_export.fit.parallel import default_workers, map_single_threaded
 from loraq_export.fit.plan import LayerPlan
 from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
-from loraq_export.models.stored_dtype import replacement_dtype
+from loraq_export.fit.sensitivity import layer_sensitivity, online_block
 
 TARGET_GROUPS = {"ort": (32, 64, 128), "tensorrt": (64, 128)}
 RANKS = (0, 8, 16, 32, 64)
@@ -85,7 +84,7 @@ def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, targ
 
     def job(p: LayerPlan) -> tuple:
         specs = specs_of[p.name] = [_spec(recipe, c, target) for c in chosen_from[p.name]]
-        rot = _online_block(chosen_from[p.name][0], p)
+        rot = online_block(chosen_from[p.name][0], p)
         stats = None if p.input_stats is None else (p.input_stats if rot is not None else p.input_stats.mean_square())
         return (p.name, mods[p.name].weight.detach().float().T.contiguous(), rot, stats, specs, seed)
 
@@ -124,53 +123,6 @@ def allocate(loaded, recipe: Recipe, plans: list[LayerPlan], budget: float, targ
     return allocated, summary
 
 
-# one forward per layer of a few synthetic samples (MiniLM: 8 sequences, ~200 tokens): a per-layer
-# scale factor needs no more, and it keeps the allocation's cost near that of the fit itself
-SENSITIVITY_SAMPLES = 8
-
-
-@torch.no_grad()
-def layer_sensitivity(loaded, plans: list[LayerPlan], reference: dict, seed: int, progress: bool = False,
-                      cache: Optional[dict] = None):
-    """Per layer: the model's relative output error on a few of its synthetic inputs when only that
-    layer is quantized (``reference[name]``: its first candidate, on the clipping-searched grid,
-    with that candidate's predicted error), divided by the predicted error: what one unit of the
-    layer's predicted error costs at the output. Layer errors do not reach the output alike (a
-    residual branch's last projection, a value projection, a feed-forward input...), which the
-    per-layer error cannot see. None when the model builds no synthetic inputs."""
-    from tqdm import tqdm
-    from calibless.methods.loraq import quantize_mse
-    from loraq_export.fit.input_stats import STATS_SEED_OFFSET
-    if loaded.synthetic_batches is None:
-        return None
-    first, _ = loaded.synthetic_batches(seed + STATS_SEED_OFFSET)[0]
-    sample = tuple(t[:SENSITIVITY_SAMPLES] for t in first)  # inputs are batch-first
-    replay = BlockReplay(loaded.module, lambda: loaded.wrapper(*sample))
-    fp = replay.reference().float()
-    energy = max(float((fp ** 2).sum()), 1e-30)
-    mods = dict(loaded.module.named_modules())
-    out = {}
-    cache = {} if cache is None else cache
-    for p in tqdm(plans, desc="layer sensitivity", unit="layer", disable=not progress, dynamic_ncols=True):
-        lr, predicted = reference[p.name]
-        key = ("sensitivity", p.name, lr.name, p.folded_by, seed)
-        if key not in cache:
-            lin = mods[p.name]
-            saved = lin.weight.data
-            w = saved.float().T
-            block = _online_block(lr, p)
-            rot = None if block is None else Rotation(block)
-            q = quantize_mse(w if rot is None else rot.rotate_weight(w), lr.main.weight)[0].dequantize()
-            try:
-                lin.weight.data = (q if rot is None else rot.unrotate_weight(q)).T.contiguous().to(replacement_dtype(lin))
-                out_q = replay.run_from(replay.block_of(p.name)).float()
-                cache[key] = float(((out_q - fp) ** 2).sum()) / energy
-            finally:
-                lin.weight.data = saved
-        out[p.name] = cache[key] / max(predicted, 1e-30)
-    return out
-
-
 # below this many weights to predict, starting worker processes costs more than it saves (MiniLM,
 # 21M weights: ~3 s single-threaded)
 POOL_MIN_WEIGHTS = 32_000_000
@@ -186,14 +138,6 @@ def _predict_layer(name: str, w_kn: torch.Tensor, rot: Optional[int], stats, spe
         if stats is not None:
             stats = rotate_stats(resolve_stats(stats), rotation).mean_square()
     return name, predicted_errors(w_kn, specs, stats, seed)
-
-
-def _online_block(lr: LayerRecipe, p: LayerPlan) -> Optional[int]:
-    """The Hadamard block the fit will apply to layer ``p``'s weight under ``lr`` (None: no
-    rotation, or one folded into the producer, where the model's weight is already rotated)."""
-    if lr.rotation is None or p.folded_by is not None:
-        return None
-    return rotation_block(lr.rotation, p.in_features)
 
 
 def _spec(recipe: Recipe, lr: LayerRecipe, target: str):
