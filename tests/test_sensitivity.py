@@ -107,3 +107,44 @@ def test_the_sample_spans_several_of_a_diffusion_transformers_inputs():
     assert latents.shape[0] == S.SENSITIVITY_SAMPLES and len(set(timesteps.tolist())) == S.SENSITIVITY_SAMPLES
     first = loaded.synthetic_batches(STATS_SEED_OFFSET)
     assert torch.equal(latents[1:2], first[1][0][0])
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _Stacked(torch.nn.Module):
+    """A block stack whose first block runs twice, and a layer after the stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        for i in (0, 1, 0):
+            x = self.blocks[i](x)
+        return self.head(x)
+
+
+def test_recomputed_blocks_give_what_the_whole_graph_gives(monkeypatch):
+    from types import SimpleNamespace
+    from loraq_export.fit.plan import LayerPlan
+    torch.manual_seed(0)
+    model = _Stacked().eval()
+    loaded = SimpleNamespace(module=model, wrapper=model)
+    recipe = load_recipe(None, "loraq")
+    lins = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    plans = [LayerPlan(n, m.in_features, m.out_features, True, "") for n, m in lins]
+    refs = {n: recipe.layer_recipe(n) for n, _ in lins}
+    sample = (torch.randn(3, 10, 64),)
+    recomputed = S._probed_output_errors(loaded, plans, refs, sample, 0, _Bar())
+    monkeypatch.setattr(S, "block_stack", lambda module: None)  # no stack: no checkpointing
+    whole = S._probed_output_errors(loaded, plans, refs, sample, 0, _Bar())
+    assert all(v > 0 for v in whole.values())
+    assert all(abs(recomputed[n] - whole[n]) <= 1e-5 * whole[n] for n, _ in lins)

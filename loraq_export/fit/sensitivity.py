@@ -28,6 +28,7 @@ or its backward pass fails).
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -102,63 +103,56 @@ def _return_large_frees_to_the_system() -> None:
         pass
 
 
+class _OutputErrorProbe(torch.autograd.Function):
+    """Identity on a layer's output that keeps the layer's input for the backward pass, where the
+    gradient reaching the output meets D = X dW^T (``add`` takes (layer output gradient, input)).
+    The input is saved as autograd saves anything, so inside a checkpointed block it is dropped
+    after the forward and recomputed when this backward asks for it."""
+
+    @staticmethod
+    def forward(ctx, out, x, add):
+        ctx.save_for_backward(x)
+        ctx.add = add
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.add(g, ctx.saved_tensors[0])
+        return g, None, None
+
+
 def _probed_output_errors(loaded, plans: list[LayerPlan], refs: dict, sample: tuple, seed: int, bar
                           ) -> Optional[dict]:
     """{layer: estimated |J_L D_L|^2 / |y|^2} (see the module docstring), or None when the
     model's output does not depend differentiably on the layers' outputs.
 
-    Memory: the forward keeps only the block stack's block inputs (each block runs under
-    non-reentrant activation checkpointing and is recomputed in the backward pass), and a layer's
-    D is formed in that recomputation and dropped once its gradient arrives, so what is held at
-    once is one block's graph and D's, not the whole model's (PixArt-Sigma, 8 samples of 256
-    tokens: all at once held 10 GB)."""
+    Memory: each block of the block stack runs under non-reentrant activation checkpointing, so
+    the forward keeps only the blocks' inputs; in the backward pass each block is recomputed, and
+    a layer's D is formed from its recomputed input when its gradient arrives and dropped at once.
+    What is held is one block's graph, not the whole model's (PixArt-Sigma, 8 samples of 256 tokens,
+    two backward passes over the whole graph: the process grew by 10 GB)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
     _return_large_frees_to_the_system()
     mods = dict(loaded.module.named_modules())
     stack = block_stack(loaded.module)
-    prefix = stack[0] + "." if stack else None
     squares = {p.name: 0.0 for p in plans}
-    pending = {}  # layer -> its D, from the forward that runs before its gradient arrives
-    recomputing, done = [False], set()
     params = list(loaded.module.parameters())
     grads = [q.requires_grad for q in params]
 
     def hook(p: LayerPlan):
-        in_stack = prefix is not None and p.name.startswith(prefix)
+        def add(g, x):
+            dw = _quantized_weight(mods[p.name], refs[p.name], p).sub_(mods[p.name].weight.detach().float())
+            gd = torch.nn.functional.linear(x.float(), dw).mul_(g)
+            c = gd.reshape(gd.shape[0], -1, gd.shape[-1]).sum(1) if gd.dim() >= 3 else gd
+            if squares[p.name] == 0.0:
+                bar.update(1)
+            squares[p.name] += float(torch.linalg.vecdot(c.reshape(-1), c.reshape(-1)))
 
         def forward(mod, args, out):
-            if in_stack == recomputing[0]:  # in the stack, D waits for the recomputation
-                with torch.no_grad():  # no part of the graph (nor of what the recomputation saves)
-                    dw = _quantized_weight(mod, refs[p.name], p).sub_(mod.weight.detach().float())
-                    pending[p.name] = torch.nn.functional.linear(args[0].float(), dw)
             if not out.requires_grad:  # nothing before it is probed: its output starts the graph
                 out = out.detach().requires_grad_()
-            if recomputing[0]:
-                return out  # the original forward's output carries the gradient hook
-
-            def backward(g):
-                d = pending.pop(p.name) if in_stack else pending[p.name]
-                gd = d * g  # not in place: g flows on to the layers before this one
-                c = gd.reshape(gd.shape[0], -1, gd.shape[-1]).sum(1) if gd.dim() >= 3 else gd
-                squares[p.name] += float(torch.linalg.vecdot(c.reshape(-1), c.reshape(-1)))
-                if p.name not in done:
-                    done.add(p.name)
-                    bar.update(1)
-            out.register_hook(backward)
-            return out
+            return _OutputErrorProbe.apply(out, args[0].detach(), add)
         return forward
-
-    def checkpointed(block):
-        run = block.forward  # the bound method, before the instance attribute below hides it
-        calls = [0]
-
-        def body(*args, **kwargs):
-            recomputing[0], calls[0] = calls[0] > 0, calls[0] + 1
-            try:
-                return run(*args, **kwargs)
-            finally:
-                recomputing[0] = False
-        return lambda *args, **kwargs: checkpoint(body, *args, use_reentrant=False, **kwargs)
 
     handles = [mods[p.name].register_forward_hook(hook(p)) for p in plans]
     blocks = list(stack[1]) if stack else []
@@ -166,8 +160,7 @@ def _probed_output_errors(loaded, plans: list[LayerPlan], refs: dict, sample: tu
         for q in params:  # gradients reach the layers' outputs only: no weight gradients computed
             q.requires_grad_(False)
         for b in blocks:
-            b.forward = checkpointed(b)
-        # the whole block recomputed, so that every layer's hook sees its input again
+            b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
         with torch.enable_grad(), set_checkpoint_early_stop(False):
             # the probes as copies of the sample along the batch, each its own direction v: one
             # forward, one backward and one clipping search per layer for all of them
