@@ -11,9 +11,9 @@ candidate's weight error dW_L adds to the layer's output on those inputs, and J_
 y with respect to that output.
 
 |J_L D_L|^2 is estimated for every layer at once from one forward and one backward pass
-(the probes: copies of the sample along the batch, each with its own v; Hutchinson's estimator, "A stochastic estimator of the trace of the influence matrix for
-Laplacian smoothing splines", 1989; HAWQ-V2, Dong et al., arXiv 1911.03852, uses it for the same
-purpose, mixed precision): with v ~ N(0, I) over the output and g = J_L^T v the gradient reaching
+(the probes: copies of the sample along the batch, each with its own v; Hutchinson's estimator,
+"A stochastic estimator of the trace of the influence matrix for Laplacian smoothing splines", 1989;
+HAWQ-V2, Dong et al., arXiv 1911.03852, uses it for the same purpose, mixed precision): with v ~ N(0, I) over the output and g = J_L^T v the gradient reaching
 the layer's output, E_v[(g . D)^2] = |J_L D|^2. One probe's (g . D)^2 is a single noisy number, so
 the sum is split by sample b and output channel o: sum_{b,o} (sum_t g_bto D_bto)^2. The terms it
 leaves out pair different output channels, whose errors come from different rows of dW (rounding
@@ -131,7 +131,7 @@ def _probed_output_errors(loaded, plans: list[LayerPlan], refs: dict, sample: tu
     a layer's D is formed from its recomputed input when its gradient arrives and dropped at once.
     What is held is one block's graph, not the whole model's (PixArt-Sigma, 8 samples of 256 tokens,
     two backward passes over the whole graph: the process grew by 10 GB)."""
-    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+    from torch.utils.checkpoint import checkpoint
     _return_large_frees_to_the_system()
     mods = dict(loaded.module.named_modules())
     stack = block_stack(loaded.module)
@@ -161,7 +161,7 @@ def _probed_output_errors(loaded, plans: list[LayerPlan], refs: dict, sample: tu
             q.requires_grad_(False)
         for b in blocks:
             b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
-        with torch.enable_grad(), set_checkpoint_early_stop(False):
+        with torch.enable_grad():
             # the probes as copies of the sample along the batch, each its own direction v: one
             # forward, one backward and one clipping search per layer for all of them
             y = loaded.wrapper(*(torch.cat([t] * SENSITIVITY_PROBES, 0) for t in sample))
