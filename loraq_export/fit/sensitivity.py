@@ -10,16 +10,17 @@ where y is the model's output on a few of its synthetic inputs, D_L = X_L dW_L^T
 candidate's weight error dW_L adds to the layer's output on those inputs, and J_L the Jacobian of
 y with respect to that output.
 
-|J_L D_L|^2 is estimated for every layer at once from one forward and one backward pass
-(the probes: copies of the sample along the batch, each with its own v; Hutchinson's estimator,
-"A stochastic estimator of the trace of the influence matrix for Laplacian smoothing splines", 1989;
-HAWQ-V2, Dong et al., arXiv 1911.03852, uses it for the same purpose, mixed precision): with
-v ~ N(0, I) over the output and g = J_L^T v the gradient reaching the layer's output, E_v[(g . D)^2] = |J_L D|^2. One probe's (g . D)^2 is a single noisy number, so
-the sum is split by sample b and output channel o: sum_{b,o} (sum_t g_bto D_bto)^2. The terms it
-leaves out pair different output channels, whose errors come from different rows of dW (rounding
-errors that are independent from row to row), so they vanish in expectation, and what is left
-averages over samples x channels terms: a few probes are as steady as many (docs/methods.md,
-"Bit allocation under a budget", has the measurements).
+|J_L D_L|^2 is estimated for every layer at once from one forward and one backward pass (the
+probes: copies of the sample along the batch, each with its own v; Hutchinson's estimator, "A
+stochastic estimator of the trace of the influence matrix for Laplacian smoothing splines", 1989;
+HAWQ-V2, Dong et al., arXiv 1911.03852, uses it for the same purpose, mixed precision): with v ~
+N(0, I) over the output and g = J_L^T v the gradient reaching the layer's output, E_v[(g . D)^2] =
+|J_L D|^2. One probe's (g . D)^2 is a single noisy number, so the sum is split by sample b and
+output channel o: sum_{b,o} (sum_t g_bto D_bto)^2. The terms it leaves out pair different output
+channels, whose errors come from different rows of dW (rounding errors that are independent from
+row to row), so they vanish in expectation, and what is left averages over samples x channels
+terms: a few probes are as steady as many (docs/methods.md, "Bit allocation under a budget", has
+the measurements).
 
 Before this the sensitivity was measured exactly: one forward per quantized layer with that layer
 alone quantized (280 forwards on PixArt-Sigma, most of a budgeted export's time). That is still
