@@ -134,7 +134,10 @@ def _dyn(bits: Optional[int], group: Optional[int] = None) -> ActFormat:
 # the cheapest branch in ONNX Runtime and deployable as INT4 weight-only in TensorRT.
 BRANCH_FORMATS = {"fp16": (None, None), "w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4),
                   "w4a16": (4, None)}
-MAIN_FORMATS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
+# Main formats, same convention. w8a16 (INT8 weights, float activations) is what a budget may give
+# the few layers whose error reaches the output most (loraq_export/fit/allocation.py): ONNX Runtime
+# runs it as an 8-bit MatMulNBits, TensorRT as an INT8 weight-only GEMM (per channel).
+MAIN_FORMATS = {"w4a16": (4, None), "w4a8": (4, 8), "w4a4": (4, 4), "w8a16": (8, None)}
 
 
 def branch_format(name: str, group_size: Optional[int] = 64, act_group: Optional[int] = None) -> BranchFormat:
@@ -149,7 +152,8 @@ def main_format(name: str, group_size: Optional[int] = 64, symmetric: bool = Tru
                 act_group: Optional[int] = None) -> LayerFormat:
     if name not in MAIN_FORMATS:
         raise ValueError(f"unknown main format {name!r}; choose one of {sorted(MAIN_FORMATS)}")
-    return LayerFormat(WeightFormat(4, symmetric, group_size), _dyn(MAIN_FORMATS[name], act_group))
+    wbits, abits = MAIN_FORMATS[name]
+    return LayerFormat(WeightFormat(wbits, symmetric, group_size), _dyn(abits, act_group))
 
 
 @dataclass(frozen=True)

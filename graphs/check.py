@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphs.constants import BRANCH_SUFFIXES, GEMMS, INT4_TYPES, TRT_INT4_BLOCK_SIZES
+from graphs.constants import (BRANCH_SUFFIXES, GEMMS, INT4_TYPES, INT8_TYPES, MAIN_WEIGHT_SUFFIX,
+                              STACKED_MAIN_WEIGHT_SUFFIX, TRT_INT4_BLOCK_SIZES)
 from graphs.nodes import attr, producer, quiet
 from graphs.protos import export_model
 from graphs.runtime import ort_optimized
@@ -63,11 +64,16 @@ def _is_weight(node: gs.Node) -> bool:
 
 
 def main_weight_dqs(graph: gs.Graph) -> list:
-    """DQs of constant rank-2 4-bit weights that are not branch factors."""
+    """DQs of constant rank-2 main weights: 4-bit ones that are not branch factors, and 8-bit ones
+    the writer named as a main weight (a budget's w8a16 layers; 8-bit storage also holds branch
+    factors and LoRA factors, which stay float GEMMs)."""
     out = []
     for n in graph.nodes:
-        if _is_weight(n) and const_dtype(n.inputs[0]) in INT4_TYPES and n.inputs[0].shape is not None \
-                and len(n.inputs[0].shape) == 2 and not n.inputs[0].name.endswith(BRANCH_SUFFIXES):
+        if not _is_weight(n) or n.inputs[0].shape is None or len(n.inputs[0].shape) != 2:
+            continue
+        dtype, name = const_dtype(n.inputs[0]), n.inputs[0].name
+        if (dtype in INT4_TYPES and not name.endswith(BRANCH_SUFFIXES)) \
+                or (dtype in INT8_TYPES and name.endswith((MAIN_WEIGHT_SUFFIX, STACKED_MAIN_WEIGHT_SUFFIX))):
             out.append(n)
     return out
 

@@ -19,6 +19,7 @@ ACT_SCALE_EPS = 1e-8
 
 GEMMS = ("MatMul", "Gemm")
 INT4_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+INT8_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 
 # What ONNX Runtime's MatMulNBits takes as a block size: a power of two from 16 to 256.
 MATMULNBITS_BLOCK_SIZES = (256, 128, 64, 32, 16)
@@ -35,6 +36,9 @@ PLACEHOLDER_OP = "LayerPlaceholder"
 # checks and legalizers tell a branch factor from a main weight by these suffixes.
 BRANCH_SUFFIXES = (".down_q", ".up_q")
 MAIN_WEIGHT_SUFFIX = ".weight_q"
+# fuse_down stacks the weights of MatMuls that read one input, main weight first, as
+# '{layer}.weight_down_q': 8-bit codes under this name hold a main weight too.
+STACKED_MAIN_WEIGHT_SUFFIX = ".weight_down_q"
 
 # TensorRT's static activation scales: batches of example inputs in the data-free calibration.
 CALIBRATION_BATCHES = 4

@@ -52,6 +52,14 @@ def test_candidates_are_legal_for_the_target(target):
         assert c.rank == 0 or (c.rank in RANKS + (32,) and c.branch.name in ("w8a8",) and c.rank <= 384)
     assert {c.main.weight.group_size for c in cands} == set(TARGET_GROUPS[target])
     assert any(c.rank == 0 for c in cands) and any(c.rank == 64 for c in cands)
+    assert not any(c.main.weight.bits == 8 for c in cands)  # no INT8 twin beside quantized activations
+    # a weight-only main also gets its INT8 twin: per channel (TensorRT takes INT8 weights per
+    # tensor or channel only), no branch, the same symmetry and rotation
+    for base in (parse_layer_recipe("w4a16-g64-r16-w4a16-had64-asym"), parse_layer_recipe("w4a16-g128")):
+        wide = [c for c in candidates(base, 384, 1536, True, target) if c.main.weight.bits == 8]
+        assert len(wide) == 1 and wide[0].rank == 0 and wide[0].main.weight.group_size is None
+        assert not wide[0].main.act.enabled and wide[0].rotation == base.rotation
+        assert wide[0].main.weight.symmetric == base.main.weight.symmetric
     # a layer no target group divides is one clear error
     from loraq_export.errors import UserError
     with pytest.raises(UserError, match="divides"):
@@ -61,7 +69,8 @@ def test_candidates_are_legal_for_the_target(target):
 def test_cost_model_counts_what_a_record_stores():
     from calibless.methods import fit_layer
     w = torch.randn(256, 96)
-    for recipe in ("w4a16-g32-asym", "w4a16-g128-r16-w4a16", "w4a8-g64-r8-w8a8", "w4a16-g64-r32-fp16"):
+    for recipe in ("w4a16-g32-asym", "w4a16-g128-r16-w4a16", "w4a8-g64-r8-w8a8", "w4a16-g64-r32-fp16",
+                   "w8a16-gch-asym", "w8a16-gch"):
         lr = load_recipe(recipe).for_target("ort").layer
         spec = FitSpec(lr.main, lr.rank, lr.branch)
         rec = fit_layer(w, spec, "svdquant" if lr.branch else "rtn")
@@ -114,8 +123,9 @@ def test_quantize_with_budget_stays_within_it(tmp_path, method, recipe, budget, 
     assert abs(report["sizes"]["quantized_bits_per_weight"] - bits / weights) < 1e-3
     assert "allocation:" in p.stdout and "allocation.yaml" in p.stdout
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    groups = {m["format"]["weight"]["group_size"] for m in q["layers"].values()}
-    assert groups <= set(TARGET_GROUPS[target])
+    for m in q["layers"].values():  # a target group, or the INT8 per-channel twin
+        w = m["format"]["weight"]
+        assert w["group_size"] in TARGET_GROUPS[target] if w["bits"] == 4 else w["group_size"] is None, w
     for name, m in q["layers"].items():
         if m["branch"] is not None:
             assert m["branch"]["rank"] in RANKS and m["branch"]["rank"] <= min(m["shape"])

@@ -31,7 +31,7 @@ def quantize(tmp_path, name, *extra, method="lqer", recipe="w4a8-g64-r16-w6a6"):
 
 
 @pytest.mark.parametrize("recipe,method", [
-    ("w4a16-g64-asym", "rtn"), ("w4a16-g64-r16-fp16", "lqer"),
+    ("w4a16-g64-asym", "rtn"), ("w4a16-g64-r16-fp16", "lqer"), ("w8a16-gch-asym", "gptq"),
     pytest.param("w4a8-g64-r16-w6a6", "lqer", marks=pytest.mark.slow),
     pytest.param("w4a4-g128-r8-w4a8", "svdquant", marks=pytest.mark.slow),
     pytest.param("w4a16-g64-r16-w4a16", "loraq", marks=pytest.mark.slow)])

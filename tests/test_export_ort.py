@@ -63,18 +63,18 @@ def test_every_format_agrees_with_torch_in_ort(main, branch):
     assert v["worst_layer"]["rel_l2"] < 1e-5
     ops = [n.op_type for n in graph.graph.node]
     wbits, abits = BRANCH_FORMATS[branch]
-    per_layer = 1 + (wbits is not None) * 2 + (main != "w4a16") + (abits is not None) * 2
+    per_layer = 1 + (wbits is not None) * 2 + (MAIN_FORMATS[main][1] is not None) + (abits is not None) * 2
     assert ops.count("DequantizeLinear") == 2 * per_layer  # weights W, A, B and each quantized activation
-    # the main weight is INT4, blocked along the input dim, and feeds the MatMul directly
+    # the main weight is INT4 (INT8 for w8a16), blocked along the input dim, and feeds the MatMul directly
     inits = {i.name: i for i in graph.graph.initializer}
-    assert inits["up.weight_q"].data_type == onnx.TensorProto.INT4
+    assert inits["up.weight_q"].data_type == (onnx.TensorProto.INT4 if main.startswith("w4") else onnx.TensorProto.INT8)
     dq = next(n for n in graph.graph.node if n.input and n.input[0] == "up.weight_q")
     assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 64}
     consumers = [n.op_type for n in graph.graph.node if dq.output[0] in n.input]
     assert consumers == ["MatMul"]
     if branch != "fp16":
         assert inits["up.down_q"].data_type == (onnx.TensorProto.INT4 if branch.startswith("w4") else onnx.TensorProto.INT8)
-    if main != "w4a16":
+    if MAIN_FORMATS[main][1] is not None:
         assert "QuantizeLinear" in ops
 
 
@@ -122,3 +122,34 @@ def test_minilm_exports_with_natural_interface(minilm, minilm_weights):
         dims = i.type.tensor_type.shape.dim
         assert dims[0].dim_param and dims[1].dim_param  # dynamic batch and sequence
     assert not any(n.domain == "loraq" for n in graph.graph.node)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_int8_per_channel_main_runs_as_matmulnbits_and_passes_the_target_checks(asym):
+    """The budget's w8a16-gch layers: ONNX Runtime fuses their INT8 weight DQ into an 8-bit
+    MatMulNBits (the check now verifies that for 8-bit main weights too), and the symmetric form is
+    what TensorRT takes as INT8 weight-only (per channel, no zero point)."""
+    from graphs.check import check_model, main_weight_dqs
+    from graphs.runtime import ort_optimized
+    from graphs.targets import legalize
+    import onnx_graphsurgeon as gs
+    model = mlp_model()
+    records = fit_all(model, "w8a16-gch" + ("-asym" if asym else ""), "rtn")
+    graph, v = export_and_validate(model, records)
+    assert v["worst_layer"]["rel_l2"] < 1e-5
+    inits = {i.name: i for i in graph.graph.initializer}
+    assert inits["up.weight_q"].data_type == (onnx.TensorProto.UINT8 if asym else onnx.TensorProto.INT8)
+    assert {d.inputs[0].name for d in main_weight_dqs(gs.import_onnx(graph))} == {"up.weight_q", "down.weight_q"}
+    ort_graph = legalize(graph, "ort")
+    assert check_model(ort_graph, "ort") == []
+    fused = [n.input[1] for n in ort_optimized(ort_graph).graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(fused) == ["down.weight_q_T", "up.weight_q_T"]
+    # an INT8 main weight that cannot fuse (its DQ read twice) is a violation, not passed over
+    g = gs.import_onnx(ort_graph)
+    dq = next(n for n in g.nodes if n.op == "DequantizeLinear" and n.inputs[0].name == "up.weight_q")
+    extra = gs.Variable("extra", dtype=np.float32)
+    g.nodes.append(gs.Node("Identity", "extra/Identity", {}, [dq.outputs[0]], [extra]))
+    g.outputs.append(extra)
+    assert {"ort-dq-direct", "ort-matmulnbits"} <= {x.rule for x in check_model(gs.export_onnx(g), "ort")}
+    if not asym:
+        assert check_model(legalize(graph, "tensorrt"), "tensorrt") == []

@@ -7,7 +7,9 @@ Candidates of a layer, from the recipe it would otherwise get: the same main for
 groups, rotation and symmetry, with every group size the target runs that divides the layer
 (ONNX Runtime: 32, 64, 128; TensorRT: 64, 128, its only INT4 blocks) and, for methods that fit a
 branch, ranks 0, 8, 16, 32, 64 (at most min(in, out)) in the recipe's branch format or the
-cheapest one that fuses with its main path (w4a16 beside a W4A16 main, else w8a8).
+cheapest one that fuses with its main path (w4a16 beside a W4A16 main, else w8a8). Beside a
+weight-only main (w4a16), also its INT8 twin per output channel (``w8a16-gch``, no branch): 8.01
+to 8.1 bits a weight, worth it on the few layers whose error reaches the output most.
 Bits are counted as the report counts them (calibless/bits.py, equal to the stored tensors).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from loraq_export.fit.sensitivity import layer_sensitivity, online_block
 
 TARGET_GROUPS = {"ort": (32, 64, 128), "tensorrt": (64, 128)}
 RANKS = (0, 8, 16, 32, 64)
+WIDE_MAIN = "w8a16"  # per channel: TensorRT takes INT8 weights per tensor or per channel only
 
 
 def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) -> list[LayerRecipe]:
@@ -54,6 +57,8 @@ def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) 
     if not out:
         raise UserError(f"no group size the {target} target runs ({', '.join(map(str, TARGET_GROUPS[target]))}) "
                         f"divides the {k} inputs of a selected layer; exclude it or drop --budget")
+    if main == "w4a16":
+        out.append(parse_layer_recipe("-".join([WIDE_MAIN, "gch", *tail])))
     return out
 
 
