@@ -97,6 +97,8 @@ def main(argv=None) -> None:
             if rep.get("allocation"):
                 label += f" --budget {rep['allocation']['budget']:g}"
             models.append((label, d / "model.onnx", rep["sizes"]["quantized_bits_per_weight"]))
+        labels = [m[0] for m in models]  # two exports of one recipe (before / after a change): name each by its folder
+        models = [(f"{lb} ({p.parent})" if labels.count(lb) > 1 else lb, p, b) for (lb, p, b) in models]
         if args.ort_rtn:
             models.append(("ort-rtn w4a16-g64-asym (MatMulNBitsQuantizer)", ort_rtn(loaded, fp_path, Path(tmp)), 4.5625))
         if args.ort_int8:
