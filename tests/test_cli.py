@@ -64,6 +64,14 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, capsys, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-g64-asym", "w8a16-gch-asym", "w4a8-g64-ag32-had64", "w4a4-g128"])
+def test_the_branch_a_branchless_recipe_is_told_to_add_parses(recipe):
+    from loraq_export.fit.plan import recipe_with_branch
+    from loraq_export.fit.recipes import parse_layer_recipe
+    lr, plain = parse_layer_recipe(recipe_with_branch(recipe)), parse_layer_recipe(recipe)
+    assert lr.rank == 16 and lr.main == plain.main and lr.rotation == plain.rotation
+
+
 def test_existing_output_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -40,6 +40,14 @@ class LayerPlan:
                 "quantized": self.quantize, "reason": self.reason}
 
 
+def recipe_with_branch(name: str) -> str:
+    """``name`` with a rank-16 branch that fuses with its main path, where the grammar puts it
+    (after the group and ``-ag<N>``, before ``-had<B>`` and ``-asym``)."""
+    parts = name.split("-")
+    at = 3 if len(parts) > 2 and parts[2].startswith("ag") else 2
+    return "-".join(parts[:at] + ["r16", "w4a16" if parts[0] == "w4a16" else "w8a8"] + parts[at:])
+
+
 def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name: str = "the model") -> list[LayerPlan]:
     """Every Linear of ``module`` with the decision and its reason; checks the recipe fits."""
     from loraq_export.inputs import check_finite
@@ -49,7 +57,7 @@ def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name:
     uses_branch = get_method(recipe.method).uses_branch
     if uses_branch and recipe.layer.branch is None and not any(lr.branch for _, lr in recipe.overrides):
         raise UserError(f"method {recipe.method!r} fits a low-rank branch but recipe {recipe.name!r} has none; "
-                        f"use e.g. {recipe.name}-r32-w8a8 or --method rtn")
+                        f"use e.g. {recipe_with_branch(recipe.name)}, or --method gptq (no branch)")
     plans = []
     for name, mod in module.named_modules():
         if not isinstance(mod, nn.Linear):
