@@ -28,7 +28,7 @@ from loraq_export.errors import UserError
 from loraq_export.fit.input_stats import resolve_stats
 from loraq_export.fit.parallel import default_workers, map_single_threaded
 from loraq_export.fit.plan import LayerPlan
-from loraq_export.fit.recipes import LayerRecipe, Recipe, parse_layer_recipe
+from loraq_export.fit.recipes import LayerRecipe, Recipe, fusing_branch, parse_layer_recipe
 from loraq_export.fit.sensitivity import layer_sensitivity, online_block
 
 TARGET_GROUPS = {"ort": (32, 64, 128), "tensorrt": (64, 128)}
@@ -44,7 +44,7 @@ def candidates(lr: LayerRecipe, k: int, n: int, uses_branch: bool, target: str) 
     tail = [t for t in tokens if t.startswith("had")] + (["asym"] if tokens[-1] == "asym" else [])
     branches = [None]
     if uses_branch and lr.branch is not None:
-        cheap = "w4a16" if main == "w4a16" else "w8a8"
+        cheap = fusing_branch(main)
         fmts = [lr.branch.name] + ([cheap] if cheap != lr.branch.name else [])
         ranks = sorted({r for r in RANKS + (lr.rank,) if 0 < r <= min(k, n)})
         branches += [f"r{r}-{f}" for f in fmts for r in ranks]

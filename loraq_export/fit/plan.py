@@ -18,7 +18,7 @@ from calibless.input_stats import InputStats
 from calibless.methods import get_method
 from calibless.rotation import rotation_block
 from loraq_export.errors import UserError
-from loraq_export.fit.recipes import Recipe
+from loraq_export.fit.recipes import Recipe, fusing_branch
 
 # (name, Linear) -> (quantize?, reason): a model's default layer selection.
 Selector = Callable[[str, nn.Linear], tuple[bool, str]]
@@ -45,7 +45,7 @@ def recipe_with_branch(name: str) -> str:
     (after the group and ``-ag<N>``, before ``-had<B>`` and ``-asym``)."""
     parts = name.split("-")
     at = 3 if len(parts) > 2 and parts[2].startswith("ag") else 2
-    return "-".join(parts[:at] + ["r16", "w4a16" if parts[0] == "w4a16" else "w8a8"] + parts[at:])
+    return "-".join(parts[:at] + ["r16", fusing_branch(parts[0])] + parts[at:])
 
 
 def plan_layers(module: nn.Module, recipe: Recipe, select: Selector, model_name: str = "the model") -> list[LayerPlan]:

@@ -65,6 +65,12 @@ def _block(m: re.Match, bad: str, what: str, token: str) -> int:
     return n
 
 
+def fusing_branch(main: str) -> str:
+    """The cheapest branch format that fuses with a ``main`` path: w4a16 beside a W4A16 main (one
+    INT4 GEMM over both), else w8a8."""
+    return "w4a16" if main == "w4a16" else "w8a8"
+
+
 def parse_layer_recipe(text: str) -> LayerRecipe:
     """``<main>-g<group>[-ag<N>][-r<rank>-<branch>][-had<B>][-asym]``."""
     bad = f"bad recipe {text!r}"
